@@ -189,6 +189,7 @@ struct SetMode {
   staleness @0 :Int32;         # -1 async, 0 BSP, s>0 SSP
   variable @1 :Text;           # empty: the job default; else one variable's override
   staleAwareLr @2 :Bool;       # async: scale the learning rate by 1 / (1 + measured staleness)
+  atClock @3 :Int64 = -1;      # first clock the new bound applies to; -1: the next clock boundary this shard sees
 }
 
 # Change the learning rate of one or all variables.

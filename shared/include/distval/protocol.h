@@ -168,6 +168,7 @@ struct SetMode {
   int32_t staleness = 0;
   std::string variable;  // empty: job default
   bool stale_aware_lr = false;
+  int64_t at_clock = -1;  // -1: the next clock boundary the shard sees
   friend bool operator==(const SetMode&, const SetMode&) = default;
 };
 struct SetLearningRate {
