@@ -162,6 +162,13 @@ class Socket {
 StatusOr<std::vector<size_t>> PollReadable(std::span<Socket* const> sockets,
                                            std::optional<std::chrono::milliseconds> timeout);
 
+// Like PollReadable, and also watches plain file descriptors (e.g. an
+// eventfd used to wake an I/O thread). Returned indices number the sockets
+// first (0 .. sockets.size()-1), then the fds.
+StatusOr<std::vector<size_t>> PollReadableWithFds(
+    std::span<Socket* const> sockets, std::span<const int> fds,
+    std::optional<std::chrono::milliseconds> timeout);
+
 }  // namespace distval::transport
 
 #endif  // DISTVAL_TRANSPORT_H_
