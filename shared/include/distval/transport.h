@@ -8,7 +8,14 @@
 // tensor can be read in place (e.g. through an Eigen::Map) for as long as the
 // Frame (or a copy of it) exists.
 //
-// ZeroMQ exceptions stop here: every call returns Status.
+// ZeroMQ errors stop here: every call returns Status (the libzmq C API is
+// used underneath, so no zmq::error_t can escape). errno mapping: EAGAIN on a
+// timed send/receive -> DeadlineExceeded; EHOSTUNREACH (ROUTER_MANDATORY) ->
+// Unavailable naming the peer; EINVAL / EPROTONOSUPPORT / ENOCOMPATPROTO on
+// bind/connect -> InvalidArgument naming the endpoint; EADDRINUSE /
+// EADDRNOTAVAIL / ENODEV -> Unavailable; ETERM (context shut down) ->
+// Cancelled; ENOENT on disconnect -> NotFound; EMFILE / ENOMEM ->
+// ResourceExhausted; EFSM -> FailedPrecondition; anything else -> Internal.
 //
 // Thread-safety: a Context is thread-safe. A Socket is NOT: exactly one thread
 // may use it at a time (DESIGN.md: one I/O thread owns each socket). Frames
@@ -23,6 +30,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "distval/status.h"
@@ -31,12 +39,32 @@ namespace distval::transport {
 
 // Owns the ZeroMQ context (I/O threads). Create one per process in main() or
 // per component; sockets borrow it and must be closed before it is destroyed.
+//
+// The context is created with ZMQ_BLOCKY off (sockets default to linger 0)
+// and with ZMQ_ZERO_COPY_RECV off, so that every frame received over tcp gets
+// its own allocation (8-byte aligned) instead of pointing at an arbitrary
+// byte offset inside a shared 8 KiB decoder buffer; see Frame::AlignedFor.
+// Frames larger than that buffer are read straight into their allocation in
+// both modes, so large tensors are still received without a copy.
 class Context {
  public:
+  // `io_threads`: ZeroMQ I/O threads (ZMQ_IO_THREADS); 0 is valid for an
+  // inproc-only context, negative values are treated as 1. If ZeroMQ cannot
+  // create the context (fd or memory exhaustion) raw() is null and
+  // Socket::Create fails with ResourceExhausted.
   explicit Context(int io_threads = 1);
+  // zmq_ctx_term. Every Socket created from this context must already be
+  // destroyed: ZeroMQ blocks here until they are closed (call Shutdown()
+  // first to wake threads that are blocked in them).
   ~Context();
   Context(const Context&) = delete;
   Context& operator=(const Context&) = delete;
+
+  // Makes every blocking call (Send, Receive, PollReadable) on this
+  // context's sockets, current and future, return Cancelled, and makes
+  // Socket::Create fail with Cancelled. The sockets must still be destroyed
+  // by their owning threads before ~Context. Idempotent; thread-safe.
+  void Shutdown();
 
   // Borrowed pointer to the underlying zmq context (void*), for Socket.
   void* raw() const { return ctx_; }
@@ -45,16 +73,25 @@ class Context {
   void* ctx_;
 };
 
-// An outgoing frame.
+// An outgoing frame. Movable, not copyable; may move between threads.
 class Payload {
  public:
   // Copies `bytes` (for headers and small frames).
   static Payload Copy(std::span<const std::byte> bytes);
-  static Payload Copy(std::vector<std::byte> bytes);  // takes the vector, no copy
-  // Zero-copy: ZeroMQ reads `data` directly; `owner` keeps it alive and is
-  // released exactly once when ZeroMQ no longer needs the bytes (possibly on
-  // a ZeroMQ I/O thread). `owner` may be null when the caller guarantees the
-  // bytes outlive the send (e.g. static data).
+  // Takes the vector, no copy. When sent, small vectors (<= 1 KiB) are copied
+  // into the ZeroMQ message; larger ones are handed to ZeroMQ as they are.
+  static Payload Copy(std::vector<std::byte> bytes);
+  // Zero-copy: ZeroMQ reads `data` directly (zmq_msg_init_data); `owner`
+  // keeps it alive and is released exactly once when ZeroMQ no longer needs
+  // the bytes: once its I/O thread has copied them into its write batch or
+  // written them to the kernel (tcp), after the receiver dropped the last
+  // Frame over them (inproc: the receiver sees the very same bytes), or when
+  // the send failed or the message was dropped.
+  // The release can run on any thread, including a ZeroMQ I/O thread, so
+  // the owner's deleter must be thread-safe and must not block. The bytes
+  // must not be modified until then. `owner` may be null when the caller
+  // guarantees the bytes outlive the send (e.g. static data). Send fails with
+  // InvalidArgument when `data` is null and `size` is not 0.
   static Payload Borrow(const void* data, size_t size, std::shared_ptr<const void> owner);
 
   size_t size() const { return size_; }
@@ -74,17 +111,45 @@ class Payload {
 };
 
 // An incoming frame: a read-only view that keeps the received message alive.
-// Copies share the same bytes.
+// Copies share the same bytes (no copy of the payload on receive or on copy).
+// Thread-safety: a Frame is immutable; copies may be used and destroyed on
+// different threads.
 class Frame {
  public:
   Frame() = default;
+  // An in-memory frame holding a copy of `bytes` in 64-byte aligned storage
+  // (for tests, fakes and in-process loopback).
+  static Frame FromBytes(std::span<const std::byte> bytes);
+
+  // Null for an empty frame.
   const std::byte* data() const { return data_; }
   size_t size() const { return size_; }
   std::span<const std::byte> bytes() const { return {data_, size_}; }
-  // The bytes as an array of T. Precondition: size() % sizeof(T) == 0 and the
-  // data is suitably aligned (ZeroMQ frames larger than 33 bytes are
-  // heap-allocated and 16-byte aligned or better). Returns nullptr for an
-  // empty frame.
+
+  // True when data() is a multiple of `alignment` (a power of two); true for
+  // an empty frame. What libzmq 4.3 delivers (measured, see transport.cc):
+  //  - tcp/ipc, with this Context (ZMQ_ZERO_COPY_RECV off): every frame is
+  //    8-byte aligned (frames <= 33 bytes sit inside the zmq_msg_t, larger
+  //    ones after a 40-byte header in a malloc block), i.e. 8 mod 16: never
+  //    assume 16 or more.
+  //  - with ZMQ_ZERO_COPY_RECV on (libzmq's default, not used here) frames
+  //    that fit in the 8 KiB read batch point into it at arbitrary offsets.
+  //  - inproc: a Payload::Borrow frame arrives at the sender's address (its
+  //    alignment); a Payload::Copy one is 8-byte aligned or better.
+  bool AlignedFor(size_t alignment) const {
+    return (reinterpret_cast<uintptr_t>(data_) & (alignment - 1)) == 0;
+  }
+  // *this when AlignedFor(alignment), otherwise a FromBytes copy (64-byte
+  // aligned). Precondition: alignment is a power of two <= 64.
+  Frame Realigned(size_t alignment) const;
+
+  // The bytes as an array of T, read in place. Preconditions:
+  // size() % sizeof(T) == 0 and AlignedFor(alignof(T)). Received frames are
+  // 8-byte aligned (see AlignedFor), which covers float/double/int64, but
+  // check AlignedFor (or use Realigned / memcpy) before relying on it, and
+  // never build an Eigen::Map with Aligned16 or stricter over a received
+  // frame (the default Unaligned map is fine). Returns nullptr for an empty
+  // frame.
   template <typename T>
   const T* as() const {
     return reinterpret_cast<const T*>(data_);
@@ -102,6 +167,17 @@ class Frame {
 
 using OutMessage = std::vector<Payload>;
 using InMessage = std::vector<Frame>;
+
+// Builds an OutMessage from Payloads (a braced initializer list cannot hold
+// the move-only Payload):
+//   socket.Send(MakeMessage(Payload::Copy(header), Payload::Borrow(p, n, owner)));
+template <typename... Payloads>
+OutMessage MakeMessage(Payloads&&... payloads) {
+  OutMessage message;
+  message.reserve(sizeof...(payloads));
+  (message.push_back(std::forward<Payloads>(payloads)), ...);
+  return message;
+}
 
 enum class SocketType { kRouter, kDealer, kPair, kPush, kPull, kReq, kRep };
 
@@ -123,30 +199,53 @@ struct SocketOptions {
   bool tcp_keepalive = true;
 };
 
+// A ZeroMQ socket. Not thread-safe: one thread at a time (normally the I/O
+// thread that created it). Destroying it closes it (pending outgoing messages
+// are kept for linger_ms, then dropped).
+//
+// ROUTER sockets: Receive returns the peer's routing id as frame 0, followed
+// by the frames the peer sent (a DEALER peer sends no empty delimiter frame).
+// To reply, Send a message whose frame 0 is that routing id
+// (Payload::Copy(frame.bytes())). DEALER sockets see no routing id frame.
 class Socket {
  public:
-  // InvalidArgument / Internal when ZeroMQ refuses the options.
+  // Creates a socket with `options` applied. InvalidArgument when an option
+  // is out of range or does not apply to `type` (router_mandatory on a
+  // non-ROUTER socket, a routing_id longer than 255 bytes), Cancelled after
+  // Context::Shutdown, ResourceExhausted when out of sockets/fds, Internal
+  // for anything else ZeroMQ refuses.
   static StatusOr<std::unique_ptr<Socket>> Create(Context& context, SocketType type,
                                                   const SocketOptions& options = {});
   ~Socket();
   Socket(const Socket&) = delete;
   Socket& operator=(const Socket&) = delete;
 
-  // Binds and returns the endpoint actually bound (a "tcp://host:0" endpoint
-  // comes back with the port the OS chose). InvalidArgument for a malformed
-  // endpoint, Unavailable when the address is in use or not local.
+  // Binds and returns the endpoint actually bound (ZMQ_LAST_ENDPOINT): a
+  // "tcp://host:0" or "tcp://host:*" endpoint comes back with the port the
+  // OS chose (":0" is rewritten to ZeroMQ's wildcard ":*" before binding).
+  // InvalidArgument for a malformed endpoint or unknown transport,
+  // Unavailable when the address is in use or not local.
   StatusOr<std::string> Bind(const std::string& endpoint);
-  // Connects (asynchronously: success does not mean the peer is up).
+  // Connects (asynchronously: success does not mean the peer is up; messages
+  // queue until it is). InvalidArgument for a malformed endpoint.
   Status Connect(const std::string& endpoint);
+  // NotFound when `endpoint` is not connected (use the string given to
+  // Connect).
   Status Disconnect(const std::string& endpoint);
 
-  // Sends all frames as one message. Waits at most `timeout` for the socket
-  // to accept it (nullopt: block). DeadlineExceeded when it did not;
-  // Unavailable for an unroutable ROUTER peer (with router_mandatory).
-  Status Send(OutMessage message,
-              std::optional<std::chrono::milliseconds> timeout = std::nullopt);
-  // Receives one whole message. DeadlineExceeded after `timeout` (nullopt:
-  // block; zero: poll once).
+  // Sends all frames as one message (ZMQ_SNDMORE on all but the last).
+  // Waits at most `timeout` for the socket to accept the first frame
+  // (nullopt: block; zero: try once); ZeroMQ then accepts the rest of the
+  // message at once. DeadlineExceeded when it did not (e.g. HWM reached, or a
+  // DEALER with no connection); Unavailable naming the peer for an
+  // unroutable ROUTER peer (with router_mandatory); InvalidArgument for an
+  // empty message or a null non-empty Payload (nothing is sent then).
+  // Whatever happens, every Borrow owner in `message` is released exactly
+  // once (immediately for frames that were not handed to ZeroMQ).
+  Status Send(OutMessage message, std::optional<std::chrono::milliseconds> timeout = std::nullopt);
+  // Receives one whole message (all its frames). DeadlineExceeded after
+  // `timeout` (nullopt: block; zero: poll once); Cancelled after
+  // Context::Shutdown.
   StatusOr<InMessage> Receive(std::optional<std::chrono::milliseconds> timeout = std::nullopt);
 
   // Borrowed zmq socket handle (void*), for zmq_poll with other sockets.
@@ -157,8 +256,12 @@ class Socket {
   void* socket_;
 };
 
-// Waits until one of `sockets` is readable or `timeout` passes (nullopt:
-// forever). Returns the indices of the readable ones (possibly empty).
+// Waits until one of `sockets` is readable (a whole message can be received
+// without blocking) or `timeout` passes (nullopt: forever; zero: check once).
+// Returns the indices of the readable ones, ascending (empty after the
+// timeout). InvalidArgument for an empty list or a null socket; Cancelled
+// after Context::Shutdown. The sockets must all be owned by the calling
+// thread.
 StatusOr<std::vector<size_t>> PollReadable(std::span<Socket* const> sockets,
                                            std::optional<std::chrono::milliseconds> timeout);
 
