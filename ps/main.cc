@@ -1,0 +1,188 @@
+// distval-ps: one parameter-server shard.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "distval/cluster_spec.h"
+#include "distval/logging.h"
+#include "server.h"
+
+namespace {
+
+sigset_t StopSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  return set;
+}
+
+// Stops the server from a thread that waits for SIGINT/SIGTERM. main() blocks
+// them before any thread (ZeroMQ's included) exists, so only this one sees them.
+void StopOnSignals(distval::ps::Server* server) {
+  sigset_t set = StopSignals();
+  std::thread([server, set] {
+    int sig = 0;
+    sigwait(&set, &sig);
+    DV_LOG(kInfo) << "signal " << sig << ": stopping";
+    server->Stop();
+  }).detach();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace distval;
+  CLI::App app{
+      "distval-ps: a parameter-server shard. Holds its share of the distributed variables, "
+      "applies the optimizer to pushed gradients, and answers pulls under the job's "
+      "consistency setting (BSP, SSP or async)."};
+  app.get_formatter()->column_width(36);
+  ps::ServerOptions opt;
+  std::string port_file, staleness = "0", cluster_file, log_level = "info", log_format = "text";
+  double worker_timeout_s = 10, pull_deadline_s = 600;
+  bool use_tf_config = false;
+  app.add_option("--bind", opt.bind,
+                 "ZeroMQ endpoint to listen on; port 0 lets the OS choose (see --port-file)")
+      ->capture_default_str();
+  app.add_option("--port-file", port_file,
+                 "write the endpoint actually bound to this file (for launchers and tests)");
+  app.add_option("--shard-index", opt.shard_index, "index of this shard, 0-based")
+      ->capture_default_str();
+  app.add_option("--num-shards", opt.num_shards, "number of shards in the job")
+      ->capture_default_str();
+  app.add_option("--num-workers", opt.num_workers, "number of workers in the job")
+      ->capture_default_str();
+  app.add_option("--staleness", staleness,
+                 "consistency: 0 = synchronous (BSP), N > 0 = bounded staleness (SSP), "
+                 "async = fully asynchronous")
+      ->capture_default_str();
+  app.add_flag("--stale-aware-lr", opt.stale_aware_lr,
+               "async: scale the learning rate by 1 / (1 + staleness of the gradient)");
+  app.add_option("--worker-timeout", worker_timeout_s,
+                 "seconds of silence after which a worker is dropped from the live set")
+      ->capture_default_str();
+  app.add_option("--pull-timeout", pull_deadline_s,
+                 "seconds a held pull may wait before it is answered DeadlineExceeded")
+      ->capture_default_str();
+  app.add_option("--threads", opt.threads, "threads applying optimizer updates")
+      ->capture_default_str();
+  app.add_option("--max-message-bytes", opt.max_message_bytes,
+                 "largest request accepted (ZMQ_MAXMSGSIZE)")
+      ->capture_default_str();
+  app.add_option("--cluster", cluster_file,
+                 "JSON cluster file (TF_CONFIG format); gives the shard endpoints and counts");
+  app.add_flag("--tf-config", use_tf_config,
+               "take the cluster and this task from the TF_CONFIG environment variable");
+  app.add_option("--log-level", log_level, "debug, info, warning or error")
+      ->capture_default_str();
+  app.add_option("--log-format", log_format, "text or json")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  auto level = ParseLogLevel(log_level);
+  if (!level.ok()) {
+    std::cerr << "distval-ps: --log-level: " << level.status().message() << "\n";
+    return 2;
+  }
+  if (log_format != "text" && log_format != "json") {
+    std::cerr << "distval-ps: --log-format must be text or json, not '" << log_format << "'\n";
+    return 2;
+  }
+
+  // The cluster file or TF_CONFIG, when given, fix the endpoints and counts.
+  std::optional<ClusterSpec> cluster;
+  if (!cluster_file.empty()) {
+    auto c = ClusterSpecFromFile(cluster_file);
+    if (!c.ok()) {
+      std::cerr << "distval-ps: " << c.status().message() << "\n";
+      return 2;
+    }
+    cluster = *c;
+  } else if (use_tf_config) {
+    const char* tf = std::getenv("TF_CONFIG");
+    if (tf == nullptr) {
+      std::cerr << "distval-ps: --tf-config given but TF_CONFIG is not set\n";
+      return 2;
+    }
+    auto c = ClusterSpecFromTfConfig(tf);
+    if (!c.ok()) {
+      std::cerr << "distval-ps: " << c.status().message() << "\n";
+      return 2;
+    }
+    cluster = *c;
+  }
+  if (cluster) {
+    if (app.count("--shard-index")) {
+      auto with = cluster->WithTask(TaskType::kPs, opt.shard_index);
+      if (!with.ok()) {
+        std::cerr << "distval-ps: " << with.status().message() << "\n";
+        return 2;
+      }
+      cluster = *with;
+    }
+    if (!cluster->is_ps()) {
+      std::cerr << "distval-ps: the cluster spec does not make this task a ps ("
+                << cluster->ToString() << "); pass --shard-index\n";
+      return 2;
+    }
+    opt.shard_index = cluster->task_index();
+    opt.num_shards = cluster->num_ps();
+    opt.num_workers = cluster->num_workers();
+    // Listen on the address the cluster spec gives this shard.
+    if (!app.count("--bind")) opt.bind = cluster->ps_endpoint(opt.shard_index);
+  }
+  ConfigureLogging({*level, "ps:" + std::to_string(opt.shard_index), log_format == "json"});
+
+  auto st = ps::ParseStaleness(staleness);
+  if (!st.ok()) {
+    std::cerr << "distval-ps: --staleness: " << st.status().message() << "\n";
+    return 2;
+  }
+  opt.staleness = *st;
+  if (worker_timeout_s <= 0 || pull_deadline_s <= 0) {
+    std::cerr << "distval-ps: --worker-timeout and --pull-timeout must be > 0\n";
+    return 2;
+  }
+  opt.worker_timeout = std::chrono::milliseconds(static_cast<int64_t>(worker_timeout_s * 1000));
+  opt.pull_deadline = std::chrono::milliseconds(static_cast<int64_t>(pull_deadline_s * 1000));
+
+  sigset_t signals = StopSignals();
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  auto server = ps::Server::Create(opt);
+  if (!server.ok()) {
+    std::cerr << "distval-ps: " << server.status() << "\n";
+    return 1;
+  }
+  DV_LOG(kInfo) << "distval-ps shard " << opt.shard_index << "/" << opt.num_shards
+                << " listening on " << (*server)->endpoint() << "; workers " << opt.num_workers
+                << ", staleness " << ps::StalenessName(opt.staleness) << ", worker timeout "
+                << worker_timeout_s << " s, threads " << opt.threads;
+  if (!port_file.empty()) {
+    std::string tmp = port_file + ".tmp";
+    {
+      std::ofstream f(tmp);
+      f << (*server)->endpoint() << "\n";
+      if (!f) {
+        std::cerr << "distval-ps: cannot write --port-file " << port_file << "\n";
+        return 1;
+      }
+    }
+    if (std::rename(tmp.c_str(), port_file.c_str()) != 0) {
+      std::cerr << "distval-ps: cannot write --port-file " << port_file << "\n";
+      return 1;
+    }
+  }
+  StopOnSignals(server->get());
+  Status s = (*server)->Run();
+  if (!s.ok()) {
+    DV_LOG(kError) << "server stopped: " << s;
+    return 1;
+  }
+  DV_LOG(kInfo) << "stopped";
+  return 0;
+}

@@ -1,0 +1,825 @@
+#include "server.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <unordered_map>
+
+#include "consistency_controller.h"
+#include "distval/encoding.h"
+#include "distval/logging.h"
+#include "distval/transport.h"
+#include "variable_store.h"
+
+namespace distval::ps {
+
+using protocol::Reply;
+using protocol::Request;
+using transport::Frame;
+using transport::InMessage;
+using transport::Payload;
+
+StatusOr<int32_t> ParseStaleness(const std::string& text) {
+  if (text == "async") return protocol::kStalenessAsync;
+  if (text == "bsp" || text == "sync") return 0;
+  std::string t = text.rfind("ssp:", 0) == 0 ? text.substr(4) : text;
+  if (t.empty() || t.size() > 9 || !std::all_of(t.begin(), t.end(), ::isdigit))
+    return InvalidArgumentError("staleness '" + text +
+                                "' is not 0 (BSP), a positive number (SSP) or 'async'");
+  return static_cast<int32_t>(std::stol(t));
+}
+
+std::string StalenessName(int32_t staleness) {
+  if (staleness < 0) return "async";
+  if (staleness == 0) return "bsp";
+  return "ssp:" + std::to_string(staleness);
+}
+
+namespace {
+
+void SetFlushDenormalsToZero() { _mm_setcsr(_mm_getcsr() | 0x8040); }
+
+// A fixed pool that runs one range-split job at a time (the dispatcher
+// waits for it), so a large dense apply uses every --threads core.
+class ApplyPool {
+ public:
+  explicit ApplyPool(int threads) {
+    for (int i = 1; i < threads; ++i) threads_.emplace_back([this, i] { Loop(i); });
+    parts_ = threads;
+  }
+  ~ApplyPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  // Runs body over `parts_` disjoint chunks of [0, n).
+  void Run(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    // Small applies are not worth waking threads for.
+    if (threads_.empty() || n < (int64_t{1} << 16)) {
+      body(0, n);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      body_ = &body;
+      n_ = n;
+      pending_ = static_cast<int>(threads_.size());
+      ++generation_;
+    }
+    cv_.notify_all();
+    Chunk(0, n, body);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return pending_ == 0; });
+    body_ = nullptr;
+  }
+
+ private:
+  void Chunk(int part, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+    // Chunk boundaries on 16-float (64-byte) multiples.
+    int64_t per = ((n + parts_ - 1) / parts_ + 15) / 16 * 16;
+    int64_t b = std::min<int64_t>(n, per * part), e = std::min<int64_t>(n, b + per);
+    if (b < e) body(b, e);
+  }
+  void Loop(int part) {
+    SetFlushDenormalsToZero();
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t, int64_t)>* body;
+      int64_t n;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        body = body_;
+        n = n_;
+      }
+      Chunk(part, n, *body);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--pending_ == 0) done_cv_.notify_all();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  int parts_ = 1;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  bool stop_ = false;                                              // Guarded by mu_.
+  uint64_t generation_ = 0;                                        // Guarded by mu_.
+  const std::function<void(int64_t, int64_t)>* body_ = nullptr;    // Guarded by mu_.
+  int64_t n_ = 0;                                                  // Guarded by mu_.
+  int pending_ = 0;                                                // Guarded by mu_.
+};
+
+// One worker's gradient for one (clock, variable) in BSP, kept until the
+// clock completes. Frames are kept alive (no copy) when they are raw f32.
+struct Contribution {
+  bool sparse = false;
+  protocol::RowRange rows;         // dense
+  std::vector<int64_t> indices;    // sparse (global rows)
+  std::span<const float> values;   // gradient values
+  std::shared_ptr<const void> owner;  // keeps `values` alive
+};
+
+// Gradient values of an update as f32: the received frame itself when it is
+// raw and aligned, else a decoded / realigned copy.
+struct FloatPayload {
+  std::span<const float> values;
+  std::shared_ptr<const void> owner;
+};
+
+FloatPayload ToFloats(const protocol::TensorRef& ref, const Frame& frame) {
+  FloatPayload out;
+  const size_t n = static_cast<size_t>(ref.num_elements());
+  if (ref.encoding == protocol::Encoding::kRaw) {
+    Frame f = frame.Realigned(alignof(float));
+    out.values = std::span<const float>(f.as<float>(), n);
+    out.owner = f.owner();
+    return out;
+  }
+  auto buf = std::make_shared<std::vector<float>>(n);
+  protocol::DecodeFloats(frame.bytes(), ref.encoding, *buf);
+  out.values = *buf;
+  out.owner = buf;
+  return out;
+}
+
+std::vector<int64_t> ToIndices(const protocol::TensorRef& ref, const Frame& frame) {
+  std::vector<int64_t> idx(static_cast<size_t>(ref.num_elements()));
+  if (!idx.empty()) std::memcpy(idx.data(), frame.data(), idx.size() * sizeof(int64_t));
+  return idx;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+class Server::Impl {
+ public:
+  explicit Impl(const ServerOptions& options) : options_(options), pool_(options.threads) {}
+  ~Impl() {
+    socket_.reset();
+    context_.reset();
+    if (wake_fd_ >= 0) ::close(wake_fd_);
+  }
+
+  Status Init();
+  Status Run();
+  void Stop() {
+    stop_.store(true);
+    uint64_t one = 1;
+    ssize_t n = ::write(wake_fd_, &one, sizeof(one));
+    (void)n;
+  }
+  const std::string& endpoint() const { return endpoint_; }
+
+ private:
+  // A request waiting for the controller (a held pull or a barrier).
+  struct Held {
+    Frame identity;
+    Request request;
+    InMessage frames;  // the whole message (payload frames for sparse indices)
+  };
+
+  void HandleMessage(InMessage& msg);
+  void Dispatch(const Frame& identity, Request& request, InMessage& msg);
+  void SendReply(const Frame& identity, Reply reply, std::vector<Payload> payloads = {});
+  void SendError(const Frame& identity, uint64_t request_id, const Status& status);
+  Reply NewReply(uint64_t request_id) const;
+
+  Status HandleHello(const Frame& identity, const Request& req);
+  Status HandleCreate(const Request& req, const InMessage& msg);
+  Status HandlePush(const Request& req, const InMessage& msg);
+  void HandlePull(const Frame& identity, Request& req, InMessage& msg);
+  Status ValidatePull(const protocol::Pull& pull, const InMessage& msg);
+  void AnswerPull(const Held& held);
+  void HandleBarrier(const Frame& identity, const Request& req);
+  void CheckBarriers();
+  Status HandleSetMode(const Request& req);
+  protocol::StatsReply MakeStats() const;
+
+  void Act(Events events);
+  void ApplyCompleted(const CompletedClock& done);
+
+  ServerOptions options_;
+  ApplyPool pool_;
+  VariableStore::RangeRunner runner_ = [this](int64_t n,
+                                              const std::function<void(int64_t, int64_t)>& body) {
+    pool_.Run(n, body);
+  };
+  std::unique_ptr<transport::Context> context_;
+  std::unique_ptr<transport::Socket> socket_;
+  std::string endpoint_;
+  int wake_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  bool shutdown_requested_ = false;
+  bool stale_aware_lr_ = false;
+
+  VariableStore store_;
+  std::unique_ptr<ConsistencyController> controller_;
+  uint64_t next_ticket_ = 1;
+  std::unordered_map<uint64_t, Held> held_pulls_;
+  // BSP accumulations: clock -> variable -> worker -> contributions.
+  std::map<int64_t, std::map<std::string, std::map<int32_t, std::vector<Contribution>>>> accum_;
+  // Barriers (shard 0): name -> waiting workers.
+  std::map<std::string, std::map<int32_t, Held>> barriers_;
+};
+
+Status Server::Impl::Init() {
+  const auto& o = options_;
+  if (o.num_shards < 1) return InvalidArgumentError("--num-shards must be >= 1");
+  if (o.shard_index < 0 || o.shard_index >= o.num_shards)
+    return InvalidArgumentError("--shard-index " + std::to_string(o.shard_index) +
+                                " out of range for " + std::to_string(o.num_shards) + " shards");
+  if (o.num_workers < 1) return InvalidArgumentError("--num-workers must be >= 1");
+  if (o.staleness < protocol::kStalenessAsync)
+    return InvalidArgumentError("staleness " + std::to_string(o.staleness) + " is invalid");
+  if (o.threads < 1 || o.threads > 256)
+    return InvalidArgumentError("--threads must be in [1, 256], got " +
+                                std::to_string(o.threads));
+  stale_aware_lr_ = o.stale_aware_lr;
+  ConsistencyOptions co;
+  co.num_workers = o.num_workers;
+  co.staleness = o.staleness;
+  co.worker_timeout = o.worker_timeout;
+  DV_ASSIGN_OR_RETURN(controller_, ConsistencyController::Create(co));
+
+  context_ = std::make_unique<transport::Context>(1);
+  transport::SocketOptions so;
+  so.max_message_bytes = o.max_message_bytes;
+  so.router_mandatory = true;
+  so.linger_ms = 0;
+  DV_ASSIGN_OR_RETURN(socket_,
+                      transport::Socket::Create(*context_, transport::SocketType::kRouter, so));
+  DV_ASSIGN_OR_RETURN(endpoint_, socket_->Bind(o.bind));
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
+  return OkStatus();
+}
+
+Reply Server::Impl::NewReply(uint64_t request_id) const {
+  Reply r;
+  r.request_id = request_id;
+  r.min_clock = controller_->MinClock();
+  r.shard_clock = controller_->ShardClock();
+  return r;
+}
+
+void Server::Impl::SendReply(const Frame& identity, Reply reply, std::vector<Payload> payloads) {
+  transport::OutMessage out;
+  out.reserve(2 + payloads.size());
+  out.push_back(Payload::Copy(identity.bytes()));
+  out.push_back(Payload::Copy(protocol::EncodeReply(reply)));
+  for (auto& p : payloads) out.push_back(std::move(p));
+  Status s = socket_->Send(std::move(out), std::chrono::milliseconds(1000));
+  if (!s.ok()) DV_LOG(kWarning) << "reply to request " << reply.request_id << " lost: " << s;
+}
+
+void Server::Impl::SendError(const Frame& identity, uint64_t request_id, const Status& status) {
+  Reply r = NewReply(request_id);
+  r.code = status.code();
+  r.message = status.message();
+  DV_LOG(kDebug) << "request " << request_id << " failed: " << status;
+  SendReply(identity, std::move(r));
+}
+
+Status Server::Impl::Run() {
+  SetFlushDenormalsToZero();
+  std::vector<transport::Socket*> socks = {socket_.get()};
+  const int fds[1] = {wake_fd_};
+  while (!stop_.load() && !shutdown_requested_) {
+    auto now = ControllerClock::now();
+    auto wake = controller_->NextWakeup();
+    auto wait = std::chrono::milliseconds(200);
+    if (wake != TimePoint::max()) {
+      auto until = std::chrono::duration_cast<std::chrono::milliseconds>(wake - now) +
+                   std::chrono::milliseconds(1);
+      wait = std::clamp(until, std::chrono::milliseconds(0), wait);
+    }
+    auto ready = transport::PollReadableWithFds(socks, fds, wait);
+    if (!ready.ok()) return ready.status();
+    for (size_t idx : *ready) {
+      if (idx == 0) {
+        // Serve a bounded batch, then let Tick run.
+        for (int i = 0; i < 256 && !shutdown_requested_; ++i) {
+          auto msg = socket_->Receive(std::chrono::milliseconds(0));
+          if (!msg.ok()) break;
+          HandleMessage(*msg);
+        }
+      } else {
+        uint64_t v;
+        ssize_t n = ::read(wake_fd_, &v, sizeof(v));
+        (void)n;
+      }
+    }
+    Act(controller_->Tick());
+  }
+  return OkStatus();
+}
+
+void Server::Impl::HandleMessage(InMessage& msg) {
+  if (msg.size() < 2) {
+    // Nothing to answer: a ROUTER message always starts with the identity,
+    // and without a header there is no request id.
+    DV_LOG(kDebug) << "dropping a message of " << msg.size() << " frame(s)";
+    return;
+  }
+  const Frame& identity = msg[0];
+  std::vector<size_t> sizes;
+  sizes.reserve(msg.size() - 2);
+  for (size_t i = 2; i < msg.size(); ++i) sizes.push_back(msg[i].size());
+  auto req = protocol::DecodeRequest(msg[1].bytes(), sizes);
+  if (!req.ok()) {
+    SendError(identity, 0, req.status());
+    return;
+  }
+  // Payload frame k of the request is msg[k + 1]; drop the identity so that
+  // TensorRef::frame indexes `payloads` directly.
+  InMessage payloads(msg.begin() + 1, msg.end());
+  Dispatch(identity, *req, payloads);
+}
+
+void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg) {
+  const bool is_worker = req.worker_id >= 0;
+  if (is_worker && !std::holds_alternative<protocol::Hello>(req.body)) {
+    // Every request from a worker is a heartbeat; a dropped worker must say
+    // hello again before anything else.
+    Status hb = controller_->OnHeartbeat(req.worker_id);
+    if (!hb.ok()) {
+      SendError(identity, req.request_id, hb);
+      return;
+    }
+  }
+  Status s = OkStatus();
+  bool answered = false;  // the handler replied (or holds the request) itself
+  std::visit(
+      [&](auto& body) {
+        using T = std::decay_t<decltype(body)>;
+        if constexpr (std::is_same_v<T, protocol::Hello>) {
+          s = HandleHello(identity, req);
+          answered = s.ok();
+        } else if constexpr (std::is_same_v<T, protocol::Heartbeat>) {
+        } else if constexpr (std::is_same_v<T, protocol::CreateVariable>) {
+          s = HandleCreate(req, msg);
+        } else if constexpr (std::is_same_v<T, protocol::Push>) {
+          s = HandlePush(req, msg);
+        } else if constexpr (std::is_same_v<T, protocol::Pull>) {
+          HandlePull(identity, req, msg);
+          answered = true;
+        } else if constexpr (std::is_same_v<T, protocol::AdvanceClock>) {
+          if (!is_worker) {
+            s = InvalidArgumentError("advance_clock needs a worker id");
+          } else {
+            int64_t to = body.to;
+            if (to < 0) to = std::max<int64_t>(req.clock, 0) + 1;
+            auto ev = controller_->OnClock(req.worker_id, to);
+            if (!ev.ok()) {
+              s = ev.status();
+            } else {
+              Act(std::move(*ev));
+            }
+          }
+        } else if constexpr (std::is_same_v<T, protocol::Barrier>) {
+          HandleBarrier(identity, req);
+          answered = true;
+        } else if constexpr (std::is_same_v<T, protocol::SetMode>) {
+          s = HandleSetMode(req);
+        } else if constexpr (std::is_same_v<T, protocol::SetLearningRate>) {
+          s = store_.SetLearningRate(body.variable, body.learning_rate);
+          if (s.ok())
+            DV_LOG(kInfo) << "learning rate of "
+                          << (body.variable.empty() ? "every variable" : "'" + body.variable + "'")
+                          << " set to " << body.learning_rate;
+        } else if constexpr (std::is_same_v<T, protocol::Checkpoint>) {
+          s = UnimplementedError("checkpoints are not supported by this server yet");
+        } else if constexpr (std::is_same_v<T, protocol::Stats>) {
+          Reply r = NewReply(req.request_id);
+          r.body = MakeStats();
+          SendReply(identity, std::move(r));
+          answered = true;
+        } else if constexpr (std::is_same_v<T, protocol::Shutdown>) {
+          DV_LOG(kInfo) << "shutdown requested by "
+                        << (is_worker ? "worker " + std::to_string(req.worker_id)
+                                      : std::string("a control client"));
+          shutdown_requested_ = true;
+        }
+      },
+      req.body);
+  if (answered) return;
+  if (!s.ok()) {
+    SendError(identity, req.request_id, s);
+    return;
+  }
+  SendReply(identity, NewReply(req.request_id));
+}
+
+Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
+  const auto& h = std::get<protocol::Hello>(req.body);
+  if (h.protocol_version != protocol::kProtocolVersion)
+    return FailedPreconditionError("protocol version mismatch: client " +
+                                   std::to_string(h.protocol_version) + ", server " +
+                                   std::to_string(protocol::kProtocolVersion));
+  if (h.num_shards != options_.num_shards)
+    return FailedPreconditionError("number of shards mismatch: worker expects " +
+                                   std::to_string(h.num_shards) + ", shard " +
+                                   std::to_string(options_.shard_index) + " is one of " +
+                                   std::to_string(options_.num_shards));
+  int32_t current = controller_->CurrentStaleness();
+  if (h.staleness != protocol::kStalenessDontCheck && h.staleness != current)
+    return FailedPreconditionError("staleness mismatch: worker expects " +
+                                   StalenessName(h.staleness) + ", server runs " +
+                                   StalenessName(current));
+  protocol::HelloReply hr;
+  hr.shard_index = options_.shard_index;
+  hr.num_shards = options_.num_shards;
+  hr.num_workers = options_.num_workers;
+  hr.staleness = current;
+  if (h.role == protocol::Role::kWorker) {
+    if (h.num_workers != options_.num_workers)
+      return FailedPreconditionError("number of workers mismatch: worker expects " +
+                                     std::to_string(h.num_workers) + ", server expects " +
+                                     std::to_string(options_.num_workers));
+    if (req.worker_id != h.worker_index)
+      return InvalidArgumentError("hello: worker id " + std::to_string(req.worker_id) +
+                                  " differs from worker_index " + std::to_string(h.worker_index));
+    DV_ASSIGN_OR_RETURN(hr.clock, controller_->OnHello(req.worker_id));
+    DV_LOG(kInfo) << "worker " << req.worker_id << " joined at clock " << hr.clock;
+  }
+  Reply r = NewReply(req.request_id);
+  r.body = hr;
+  SendReply(identity, std::move(r));
+  return OkStatus();
+}
+
+Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
+  const auto& cv = std::get<protocol::CreateVariable>(req.body);
+  const float* init = nullptr;
+  FloatPayload values;
+  if (auto* iv = std::get_if<protocol::InitValues>(&cv.spec.initializer.kind)) {
+    if (iv->values.dtype != DType::kF32)
+      return InvalidArgumentError("variable '" + cv.spec.name + "': initial values must be f32");
+    int64_t rows = cv.rows.end - cv.rows.begin;
+    int64_t row_elems = 1;
+    for (size_t i = 1; i < cv.spec.shape.size(); ++i) row_elems *= cv.spec.shape[i];
+    if (iv->values.num_elements() != rows * row_elems)
+      return InvalidArgumentError("variable '" + cv.spec.name + "': " +
+                                  std::to_string(iv->values.num_elements()) +
+                                  " initial values for " + std::to_string(rows) + " rows of " +
+                                  std::to_string(row_elems));
+    values = ToFloats(iv->values, msg[iv->values.frame]);
+    init = values.values.data();
+  }
+  DV_ASSIGN_OR_RETURN(Variable * v, store_.Create(cv.spec, cv.rows, init));
+  DV_RETURN_IF_ERROR(controller_->RegisterVariable(v->name(), cv.spec.staleness));
+  return OkStatus();
+}
+
+Status Server::Impl::HandlePush(const Request& req, const InMessage& msg) {
+  const auto& push = std::get<protocol::Push>(req.body);
+  if (req.worker_id < 0 && push.advance_clock)
+    return InvalidArgumentError("push with advance_clock needs a worker id");
+  // 1. Validate everything before touching anything.
+  std::vector<Variable*> vars;
+  vars.reserve(push.updates.size());
+  std::vector<std::vector<int64_t>> sparse_rows(push.updates.size());
+  for (size_t i = 0; i < push.updates.size(); ++i) {
+    const auto& u = push.updates[i];
+    DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(u.variable));
+    std::span<const int64_t> shape(u.values.shape);
+    if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
+      DV_RETURN_IF_ERROR(
+          VariableStore::ValidateDensePayload(*v, *range, u.values.dtype, shape));
+    } else {
+      const auto& idx = std::get<protocol::TensorRef>(u.rows);
+      DV_RETURN_IF_ERROR(
+          VariableStore::ValidateSparseIndices(*v, idx.dtype, std::span<const int64_t>(idx.shape)));
+      sparse_rows[i] = ToIndices(idx, msg[idx.frame]);
+      DV_RETURN_IF_ERROR(VariableStore::ValidateSparseRows(*v, sparse_rows[i]));
+      DV_RETURN_IF_ERROR(VariableStore::ValidateSparsePayload(
+          *v, static_cast<int64_t>(sparse_rows[i].size()), u.values.dtype, shape));
+    }
+    vars.push_back(v);
+  }
+  // 2. Route: apply now (async / SSP) or keep for the clock (BSP).
+  if (req.worker_id < 0) {
+    // A control client's push applies at once (e.g. a tool loading values).
+    for (size_t i = 0; i < push.updates.size(); ++i) {
+      const auto& u = push.updates[i];
+      FloatPayload g = ToFloats(u.values, msg[u.values.frame]);
+      if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
+        DV_RETURN_IF_ERROR(
+            VariableStore::ApplyDense(*vars[i], *range, g.values.data(), 1.f, 1.f, runner_));
+      } else {
+        DV_RETURN_IF_ERROR(
+            VariableStore::ApplySparse(*vars[i], sparse_rows[i], g.values.data(), 1.f, 1.f));
+      }
+    }
+    return OkStatus();
+  }
+  std::vector<std::string_view> names;
+  names.reserve(vars.size());
+  for (Variable* v : vars) names.push_back(v->name());
+  DV_ASSIGN_OR_RETURN(PushPlan plan,
+                      controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
+  const float lr_scale =
+      stale_aware_lr_ ? 1.0f / (1.0f + static_cast<float>(plan.staleness)) : 1.0f;
+  for (size_t i = 0; i < push.updates.size(); ++i) {
+    const auto& u = push.updates[i];
+    Variable* v = vars[i];
+    FloatPayload g = ToFloats(u.values, msg[u.values.frame]);
+    const float grad_scale = 1.0f;
+    if (plan.routes[i] == PushRoute::kApplyNow) {
+      if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
+        DV_RETURN_IF_ERROR(VariableStore::ApplyDense(*v, *range, g.values.data(), grad_scale,
+                                                     lr_scale, runner_));
+      } else {
+        DV_RETURN_IF_ERROR(VariableStore::ApplySparse(*v, sparse_rows[i], g.values.data(),
+                                                      grad_scale, lr_scale));
+      }
+    } else {
+      Contribution c;
+      if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
+        c.rows = *range;
+      } else {
+        c.sparse = true;
+        c.indices = std::move(sparse_rows[i]);
+      }
+      c.values = g.values;
+      c.owner = g.owner;
+      accum_[req.clock][v->name()][req.worker_id].push_back(std::move(c));
+    }
+  }
+  Act(std::move(plan.events));
+  return OkStatus();
+}
+
+void Server::Impl::ApplyCompleted(const CompletedClock& done) {
+  auto clock_it = accum_.find(done.clock);
+  for (const CompletedUpdate& cu : done.updates) {
+    if (clock_it == accum_.end()) break;
+    auto var_it = clock_it->second.find(cu.variable);
+    if (var_it == clock_it->second.end()) continue;
+    auto found = store_.Find(cu.variable);
+    if (!found.ok()) continue;
+    Variable& v = **found;
+    const auto& by_worker = var_it->second;
+    const float grad_scale =
+        v.spec().aggregation == protocol::Aggregation::kMean
+            ? 1.0f / static_cast<float>(cu.contributors.size())
+            : 1.0f;
+    bool any_dense = false;
+    for (const auto& [w, list] : by_worker)
+      for (const auto& c : list) any_dense |= !c.sparse;
+    Status s;
+    if (any_dense) {
+      // Sum every contribution into one shard-sized gradient, in worker
+      // index order (then arrival order): bit-for-bit repeatable.
+      Tensor sum(DType::kF32, v.shard_shape());
+      float* dst = sum.data_as<float>();
+      for (int32_t w : cu.contributors) {
+        auto it = by_worker.find(w);
+        if (it == by_worker.end()) continue;
+        for (const Contribution& c : it->second) {
+          const int64_t re = v.row_elements();
+          if (!c.sparse) {
+            int64_t off = v.LocalOffset(c.rows.begin);
+            Eigen::Map<Eigen::ArrayXf>(dst + off, c.rows.size() * re) +=
+                Eigen::Map<const Eigen::ArrayXf>(c.values.data(), c.rows.size() * re);
+          } else {
+            for (size_t r = 0; r < c.indices.size(); ++r)
+              Eigen::Map<Eigen::ArrayXf>(dst + v.LocalOffset(c.indices[r]), re) +=
+                  Eigen::Map<const Eigen::ArrayXf>(c.values.data() + r * re, re);
+          }
+        }
+      }
+      s = VariableStore::ApplyDense(v, v.rows(), dst, grad_scale, 1.0f, runner_);
+    } else {
+      std::vector<int64_t> rows;
+      std::vector<float> vals;
+      for (int32_t w : cu.contributors) {
+        auto it = by_worker.find(w);
+        if (it == by_worker.end()) continue;
+        for (const Contribution& c : it->second) {
+          rows.insert(rows.end(), c.indices.begin(), c.indices.end());
+          vals.insert(vals.end(), c.values.begin(), c.values.end());
+        }
+      }
+      s = VariableStore::ApplySparse(v, rows, vals.data(), grad_scale, 1.0f);
+    }
+    if (!s.ok()) DV_LOG(kError) << "applying clock " << done.clock << " of '" << cu.variable
+                                << "' failed: " << s;
+    clock_it->second.erase(var_it);
+  }
+  if (clock_it != accum_.end() && clock_it->second.empty()) accum_.erase(clock_it);
+}
+
+void Server::Impl::Act(Events events) {
+  for (const DroppedWorker& d : events.dropped) {
+    DV_LOG(kWarning) << "worker " << d.worker << " dropped from the live set at clock "
+                     << d.clock << " ("
+                     << (d.never_seen ? "never said hello"
+                                      : "silent for " +
+                                            std::to_string(std::chrono::duration_cast<
+                                                               std::chrono::milliseconds>(
+                                                               d.silent_for)
+                                                               .count()) +
+                                            " ms")
+                     << ")";
+  }
+  for (const CompletedClock& c : events.completed) ApplyCompleted(c);
+  for (uint64_t t : events.released) {
+    auto it = held_pulls_.find(t);
+    if (it == held_pulls_.end()) continue;
+    Held h = std::move(it->second);
+    held_pulls_.erase(it);
+    AnswerPull(h);
+  }
+  for (const ExpiredPull& e : events.expired) {
+    auto it = held_pulls_.find(e.ticket);
+    if (it == held_pulls_.end()) continue;
+    std::string who;
+    for (size_t i = 0; i < e.waiting_for.size(); ++i) {
+      if (i) who += ", ";
+      who += "worker " + std::to_string(e.waiting_for[i]) + " (clock " +
+             std::to_string(e.their_clocks[i]) + ")";
+    }
+    SendError(it->second.identity, it->second.request.request_id,
+              DeadlineExceededError("pull at clock " + std::to_string(e.clock) + " held for " +
+                                    std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                                                       e.held_for)
+                                                       .count()) +
+                                    " s waiting for " + who));
+    held_pulls_.erase(it);
+  }
+  if (!events.dropped.empty()) CheckBarriers();
+}
+
+Status Server::Impl::ValidatePull(const protocol::Pull& pull, const InMessage& msg) {
+  for (const auto& r : pull.reads) {
+    DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(r.variable));
+    if (r.encoding != protocol::Encoding::kRaw)
+      return UnimplementedError("pull of '" + r.variable + "': only raw encoding is served");
+    if (auto* range = std::get_if<protocol::RowRange>(&r.rows)) {
+      DV_RETURN_IF_ERROR(VariableStore::ValidateDenseRange(*v, *range));
+    } else {
+      const auto& idx = std::get<protocol::TensorRef>(r.rows);
+      DV_RETURN_IF_ERROR(
+          VariableStore::ValidateSparseIndices(*v, idx.dtype, std::span<const int64_t>(idx.shape)));
+      DV_RETURN_IF_ERROR(VariableStore::ValidateSparseRows(*v, ToIndices(idx, msg[idx.frame])));
+    }
+  }
+  return OkStatus();
+}
+
+void Server::Impl::HandlePull(const Frame& identity, Request& req, InMessage& msg) {
+  const auto& pull = std::get<protocol::Pull>(req.body);
+  Status s = ValidatePull(pull, msg);
+  if (!s.ok()) {
+    SendError(identity, req.request_id, s);
+    return;
+  }
+  Held h{identity, std::move(req), std::move(msg)};
+  if (h.request.worker_id < 0) {  // control clients never wait
+    AnswerPull(h);
+    return;
+  }
+  std::vector<std::string_view> names;
+  for (const auto& r : std::get<protocol::Pull>(h.request.body).reads) names.push_back(r.variable);
+  uint64_t ticket = next_ticket_++;
+  auto decision = controller_->OnPull(ticket, h.request.worker_id, h.request.clock, names,
+                                      ControllerClock::now() + options_.pull_deadline);
+  if (!decision.ok()) {
+    SendError(h.identity, h.request.request_id, decision.status());
+    return;
+  }
+  if (*decision == PullDecision::kAnswerNow) {
+    AnswerPull(h);
+  } else {
+    held_pulls_.emplace(ticket, std::move(h));
+  }
+}
+
+void Server::Impl::AnswerPull(const Held& held) {
+  const auto& pull = std::get<protocol::Pull>(held.request.body);
+  Reply reply = NewReply(held.request.request_id);
+  protocol::PullReply pr;
+  std::vector<Payload> payloads;
+  payloads.reserve(pull.reads.size());
+  for (const auto& r : pull.reads) {
+    auto found = store_.Find(r.variable);
+    if (!found.ok()) {  // cannot happen: validated and variables are never removed
+      SendError(held.identity, held.request.request_id, found.status());
+      return;
+    }
+    Variable& v = **found;
+    protocol::TensorRef ref;
+    ref.frame = static_cast<uint32_t>(payloads.size() + 1);
+    ref.dtype = DType::kF32;
+    if (auto* range = std::get_if<protocol::RowRange>(&r.rows)) {
+      // Zero-copy: lend the parameter buffer itself; the store never writes
+      // a buffer while a snapshot of it is held.
+      ParamsSnapshot snap = VariableStore::Snapshot(v);
+      const float* base = snap.params->data_as<float>() + v.LocalOffset(range->begin);
+      size_t count = static_cast<size_t>(range->size() * v.row_elements());
+      ref.shape = v.shape().dims();
+      if (!ref.shape.empty()) ref.shape[0] = range->size();
+      payloads.push_back(Payload::Borrow(base, count * sizeof(float), snap.params));
+      pr.versions.push_back(snap.version);
+    } else {
+      const auto& idx = std::get<protocol::TensorRef>(r.rows);
+      std::vector<int64_t> rows = ToIndices(idx, held.frames[idx.frame]);
+      auto buf = std::make_shared<std::vector<float>>(rows.size() *
+                                                      static_cast<size_t>(v.row_elements()));
+      uint64_t version = 0;
+      Status s = VariableStore::ReadRows(v, rows, buf->data(), &version);
+      if (!s.ok()) {
+        SendError(held.identity, held.request.request_id, s);
+        return;
+      }
+      ref.shape = v.shape().dims();
+      if (!ref.shape.empty()) ref.shape[0] = static_cast<int64_t>(rows.size());
+      payloads.push_back(Payload::Borrow(buf->data(), buf->size() * sizeof(float), buf));
+      pr.versions.push_back(version);
+    }
+    pr.tensors.push_back(std::move(ref));
+  }
+  reply.body = std::move(pr);
+  SendReply(held.identity, std::move(reply), std::move(payloads));
+}
+
+void Server::Impl::HandleBarrier(const Frame& identity, const Request& req) {
+  if (req.worker_id < 0) {
+    SendError(identity, req.request_id, InvalidArgumentError("barrier needs a worker id"));
+    return;
+  }
+  const auto& b = std::get<protocol::Barrier>(req.body);
+  barriers_[b.name][req.worker_id] = Held{identity, req, {}};
+  CheckBarriers();
+}
+
+void Server::Impl::CheckBarriers() {
+  ControllerSnapshot snap = controller_->Snapshot();
+  for (auto it = barriers_.begin(); it != barriers_.end();) {
+    bool all = true;
+    for (const auto& w : snap.workers)
+      if (w.live && !it->second.count(w.worker)) all = false;
+    if (!all) {
+      ++it;
+      continue;
+    }
+    for (auto& [w, h] : it->second) SendReply(h.identity, NewReply(h.request.request_id));
+    it = barriers_.erase(it);
+  }
+}
+
+Status Server::Impl::HandleSetMode(const Request& req) {
+  const auto& m = std::get<protocol::SetMode>(req.body);
+  DV_ASSIGN_OR_RETURN(ModeChange change,
+                      controller_->SetStaleness(m.staleness, m.at_clock, m.variable));
+  stale_aware_lr_ = m.stale_aware_lr;
+  DV_LOG(kInfo) << "staleness of " << (m.variable.empty() ? "the job" : "'" + m.variable + "'")
+                << " set to " << StalenessName(m.staleness) << " from clock " << change.at_clock
+                << (m.stale_aware_lr ? " (staleness-aware learning rate)" : "");
+  Act(std::move(change.events));
+  return OkStatus();
+}
+
+protocol::StatsReply Server::Impl::MakeStats() const {
+  protocol::StatsReply s;
+  s.shard_index = options_.shard_index;
+  s.staleness = controller_->CurrentStaleness();
+  for (const auto& w : controller_->Snapshot().workers)
+    s.workers.push_back(protocol::WorkerState{w.worker, w.clock, w.live});
+  for (Variable* v : store_.All())
+    s.variables.push_back(protocol::VariableState{v->name(), v->rows(), v->bytes(), v->version(),
+                                                  v->learning_rate()});
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Server::~Server() = default;
+
+StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
+  auto impl = std::make_unique<Impl>(options);
+  DV_RETURN_IF_ERROR(impl->Init());
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+const std::string& Server::endpoint() const { return impl_->endpoint(); }
+Status Server::Run() { return impl_->Run(); }
+void Server::Stop() { impl_->Stop(); }
+
+}  // namespace distval::ps

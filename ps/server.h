@@ -1,0 +1,74 @@
+// Server: one parameter-server shard. Owns the ROUTER socket, the variable
+// store and the consistency controller, and runs the request loop.
+//
+//   ps request: recv frames -> decode (shared/protocol) -> handler
+//               -> store / optimizer / consistency -> reply
+//
+// Threading: Run() is the dispatcher thread; it owns the socket, the store
+// and the controller, so handlers need no locks. Stop() may be called from
+// any thread (e.g. a signal-watching thread).
+#ifndef DISTVAL_PS_SERVER_H_
+#define DISTVAL_PS_SERVER_H_
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "distval/protocol.h"
+#include "distval/status.h"
+
+namespace distval::ps {
+
+struct ServerOptions {
+  // ZeroMQ endpoint to bind ("tcp://127.0.0.1:0": OS-chosen port).
+  std::string bind = "tcp://127.0.0.1:0";
+  int shard_index = 0;
+  int num_shards = 1;
+  // Workers the job expects (BSP/SSP wait for the live ones).
+  int num_workers = 1;
+  // -1 async, 0 BSP, s > 0 SSP.
+  int32_t staleness = 0;
+  // Async: scale the learning rate by 1 / (1 + measured staleness).
+  bool stale_aware_lr = false;
+  // A worker silent this long is dropped from the live set.
+  std::chrono::milliseconds worker_timeout{10000};
+  // A pull held longer than this is answered with DeadlineExceeded.
+  std::chrono::milliseconds pull_deadline{600000};
+  // Threads that apply optimizer updates (1: the dispatcher alone).
+  int threads = 1;
+  // Largest accepted message (ZMQ_MAXMSGSIZE); -1: unlimited.
+  int64_t max_message_bytes = int64_t{4} << 30;
+};
+
+class Server {
+ public:
+  // Validates the options and binds. InvalidArgument for bad options,
+  // Unavailable when the endpoint cannot be bound.
+  static StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // The endpoint actually bound (with the OS-chosen port).
+  const std::string& endpoint() const;
+  // Serves until a shutdown request or Stop(). Returns OK on a clean stop.
+  Status Run();
+  // Makes Run() return soon. Thread-safe, async-signal-unsafe.
+  void Stop();
+
+  class Impl;
+
+ private:
+  explicit Server(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// "0" -> 0 (BSP), "3" -> 3 (SSP), "async" -> -1. InvalidArgument otherwise.
+StatusOr<int32_t> ParseStaleness(const std::string& text);
+// Inverse: "bsp", "ssp:3", "async".
+std::string StalenessName(int32_t staleness);
+
+}  // namespace distval::ps
+
+#endif  // DISTVAL_PS_SERVER_H_

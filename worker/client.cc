@@ -1,0 +1,1035 @@
+#include "distval/client.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <unordered_map>
+
+#include "distval/logging.h"
+
+namespace distval {
+
+using protocol::Reply;
+using protocol::Request;
+using transport::Frame;
+using transport::InMessage;
+using transport::Payload;
+using Clock = std::chrono::steady_clock;
+
+// ---------------------------------------------------------------------------
+// RequestHandle state: shared by the caller's handle and the I/O thread.
+struct RequestHandle::State {
+  std::mutex mu;
+  std::condition_variable cv;
+  int outstanding_replies = 0;   // Guarded by mu.
+  int outstanding_releases = 0;  // Guarded by mu.
+  Status status;                 // first error; Guarded by mu.
+  bool abandoned = false;        // the waiter gave up: never touch its buffers; Guarded by mu.
+  std::set<int> pending_shards;  // Guarded by mu.
+  std::vector<std::string> shard_names;  // for messages; set before submission
+
+  void Fail(const Status& s) {  // REQUIRES: mu held
+    if (status.ok()) status = s;
+  }
+  bool DoneLocked() const { return outstanding_replies == 0 && outstanding_releases == 0; }
+};
+
+Status RequestHandle::Wait(std::optional<std::chrono::milliseconds> timeout) {
+  if (!state_) return OkStatus();
+  std::unique_lock<std::mutex> lock(state_->mu);
+  auto deadline = Clock::now() + timeout.value_or(std::chrono::milliseconds(120000));
+  if (!state_->cv.wait_until(lock, deadline, [&] { return state_->DoneLocked(); })) {
+    if (state_->outstanding_replies > 0) {
+      state_->abandoned = true;
+      std::string who;
+      for (int s : state_->pending_shards) {
+        if (!who.empty()) who += ", ";
+        who += "shard " + std::to_string(s);
+        if (s < static_cast<int>(state_->shard_names.size()))
+          who += " (" + state_->shard_names[s] + ")";
+      }
+      state_->Fail(DeadlineExceededError(
+          "no reply from " + who + " after " +
+          std::to_string(timeout.value_or(std::chrono::milliseconds(120000)).count()) + " ms"));
+    } else {
+      state_->Fail(DeadlineExceededError("ZeroMQ did not release the pushed buffer in time"));
+    }
+  }
+  return state_->status;
+}
+
+bool RequestHandle::Done() const {
+  if (!state_) return true;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->DoneLocked() || state_->abandoned;
+}
+
+Status PulledVariable::CopyTo(std::span<float> out) const {
+  size_t needed = 0;
+  for (const auto& s : slices) needed += s.values.size();
+  if (out.size() != needed)
+    return InvalidArgumentError("variable '" + name + "': buffer has " +
+                                std::to_string(out.size()) + " floats, variable has " +
+                                std::to_string(needed));
+  size_t offset = 0;
+  for (const auto& s : slices) {
+    std::memcpy(out.data() + offset, s.values.data(), s.values.size_bytes());
+    offset += s.values.size();
+  }
+  return OkStatus();
+}
+
+namespace {
+
+RequestHandle FailedHandle(Status status) {
+  auto state = std::make_shared<RequestHandle::State>();
+  state->status = std::move(status);
+  return RequestHandle(state);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+class Client::Impl {
+ public:
+  // Called on the I/O thread with the decoded reply and the received frames
+  // (frame 0 is the header), while the request's State mutex is held and the
+  // waiter has not abandoned the request. Returns an error to fail the
+  // request.
+  using OnReply = std::function<Status(const Reply&, const InMessage&)>;
+
+  struct Outgoing {
+    int shard = 0;
+    Request request;
+    std::vector<Payload> payloads;  // frames after the header
+    OnReply on_reply;
+  };
+
+  Impl(const ClientOptions& options, Client* owner) : options_(options), owner_(owner) {}
+  ~Impl() { Stop(); }
+
+  Status Start();
+  void Stop();
+
+  // Encodes and hands the messages to the I/O thread. `state` gets one
+  // outstanding reply per message.
+  RequestHandle Submit(std::vector<Outgoing> messages, std::shared_ptr<RequestHandle::State> state,
+                       bool zero_copy_payloads);
+  std::shared_ptr<RequestHandle::State> NewState() {
+    auto s = std::make_shared<RequestHandle::State>();
+    s->shard_names = options_.ps_endpoints;
+    return s;
+  }
+  uint64_t NextId() { return next_id_.fetch_add(1); }
+  Request NewRequest() {
+    Request r;
+    r.request_id = NextId();
+    r.worker_id = options_.role == protocol::Role::kWorker ? options_.worker_index : -1;
+    r.clock = owner_->clock();
+    return r;
+  }
+
+  // Variables (guarded by vars_mu_).
+  mutable std::mutex vars_mu_;
+  std::map<std::string, VariableInfo> vars_;  // Guarded by vars_mu_.
+  std::unique_ptr<PlacementPlanner> planner_;  // Guarded by vars_mu_.
+
+  mutable std::mutex stats_mu_;
+  ClientStats stats_;                  // Guarded by stats_mu_.
+  std::vector<int64_t> min_clocks_;    // per shard; Guarded by stats_mu_.
+
+  void RecordReply(int shard, const Reply& reply, bool is_pull) {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    if (shard < static_cast<int>(min_clocks_.size())) min_clocks_[shard] = reply.min_clock;
+    if (is_pull && options_.role == protocol::Role::kWorker) {
+      int64_t st = std::max<int64_t>(0, owner_->clock() - reply.min_clock);
+      stats_.staleness_sum += st;
+      stats_.staleness_max = std::max(stats_.staleness_max, st);
+      stats_.staleness_samples += 1;
+    }
+  }
+
+ private:
+  struct Command {
+    std::vector<Outgoing> messages;
+    std::vector<std::vector<std::byte>> headers;
+    std::shared_ptr<RequestHandle::State> state;
+  };
+  struct Pending {
+    int shard;
+    OnReply on_reply;
+    std::shared_ptr<RequestHandle::State> state;
+    bool is_pull;
+  };
+
+  void Run();
+  void SendCommand(Command& cmd);
+  void HandleMessage(int shard, InMessage& msg);
+  void CompleteOne(Pending& p, const Status& s);
+  void SendHeartbeats();
+
+  ClientOptions options_;
+  Client* owner_;
+  std::atomic<uint64_t> next_id_{1};
+  std::unique_ptr<transport::Context> context_;
+  std::vector<std::unique_ptr<transport::Socket>> sockets_;  // I/O thread only after Start()
+  int wake_fd_ = -1;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+
+  std::mutex queue_mu_;
+  std::deque<Command> queue_;  // Guarded by queue_mu_.
+
+  // I/O thread only:
+  std::unordered_map<uint64_t, Pending> pending_;
+  std::vector<Clock::time_point> last_send_;
+};
+
+Status Client::Impl::Start() {
+  if (options_.ps_endpoints.empty()) return InvalidArgumentError("no parameter servers given");
+  context_ = std::make_unique<transport::Context>(1);
+  transport::SocketOptions so;
+  so.max_message_bytes = options_.max_message_bytes;
+  so.linger_ms = 0;
+  for (size_t i = 0; i < options_.ps_endpoints.size(); ++i) {
+    DV_ASSIGN_OR_RETURN(auto sock,
+                        transport::Socket::Create(*context_, transport::SocketType::kDealer, so));
+    DV_RETURN_IF_ERROR(sock->Connect(options_.ps_endpoints[i])
+                           .WithContext("shard " + std::to_string(i)));
+    sockets_.push_back(std::move(sock));
+  }
+  min_clocks_.assign(sockets_.size(), 0);
+  last_send_.assign(sockets_.size(), Clock::now());
+  planner_ = std::make_unique<PlacementPlanner>(static_cast<int>(sockets_.size()));
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
+  thread_ = std::thread([this] { Run(); });
+  return OkStatus();
+}
+
+void Client::Impl::Stop() {
+  if (thread_.joinable()) {
+    stop_.store(true);
+    uint64_t one = 1;
+    ssize_t n = ::write(wake_fd_, &one, sizeof(one));
+    (void)n;
+    thread_.join();
+  }
+  sockets_.clear();
+  context_.reset();
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+  wake_fd_ = -1;
+}
+
+RequestHandle Client::Impl::Submit(std::vector<Outgoing> messages,
+                                   std::shared_ptr<RequestHandle::State> state,
+                                   bool zero_copy_payloads) {
+  Command cmd;
+  {
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->outstanding_replies += static_cast<int>(messages.size());
+    for (const auto& m : messages) state->pending_shards.insert(m.shard);
+    (void)zero_copy_payloads;
+  }
+  cmd.headers.reserve(messages.size());
+  for (auto& m : messages) cmd.headers.push_back(protocol::EncodeRequest(m.request));
+  cmd.messages = std::move(messages);
+  cmd.state = state;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    queue_.push_back(std::move(cmd));
+  }
+  uint64_t one = 1;
+  ssize_t n = ::write(wake_fd_, &one, sizeof(one));
+  (void)n;
+  return RequestHandle(std::move(state));
+}
+
+void Client::Impl::CompleteOne(Pending& p, const Status& s) {
+  std::lock_guard<std::mutex> lock(p.state->mu);
+  if (!s.ok()) p.state->Fail(s);
+  p.state->outstanding_replies -= 1;
+  p.state->pending_shards.erase(p.shard);
+  if (p.state->DoneLocked()) p.state->cv.notify_all();
+}
+
+void Client::Impl::SendCommand(Command& cmd) {
+  for (size_t i = 0; i < cmd.messages.size(); ++i) {
+    Outgoing& m = cmd.messages[i];
+    transport::OutMessage out;
+    out.reserve(1 + m.payloads.size());
+    out.push_back(Payload::Copy(std::move(cmd.headers[i])));
+    for (auto& p : m.payloads) out.push_back(std::move(p));
+    uint64_t id = m.request.request_id;
+    bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
+    pending_[id] = Pending{m.shard, std::move(m.on_reply), cmd.state, is_pull};
+    Status s = sockets_[m.shard]->Send(std::move(out), std::chrono::milliseconds(0));
+    if (!s.ok()) {
+      // The DEALER queue is full or the socket failed: report it now.
+      Pending p = std::move(pending_[id]);
+      pending_.erase(id);
+      CompleteOne(p, UnavailableError("shard " + std::to_string(m.shard) + " (" +
+                                      options_.ps_endpoints[m.shard] + "): " + s.message()));
+      continue;
+    }
+    last_send_[m.shard] = Clock::now();
+  }
+}
+
+void Client::Impl::HandleMessage(int shard, InMessage& msg) {
+  if (msg.empty()) return;
+  std::vector<size_t> sizes;
+  sizes.reserve(msg.size() - 1);
+  for (size_t i = 1; i < msg.size(); ++i) sizes.push_back(msg[i].size());
+  auto reply = protocol::DecodeReply(msg[0].bytes(), sizes);
+  if (!reply.ok()) {
+    DV_LOG(kWarning) << "dropping malformed reply from shard " << shard << ": "
+                     << reply.status();
+    return;
+  }
+  auto it = pending_.find(reply->request_id);
+  if (it == pending_.end()) {
+    // Heartbeat replies and replies to abandoned requests.
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    min_clocks_[shard] = reply->min_clock;
+    return;
+  }
+  Pending p = std::move(it->second);
+  pending_.erase(it);
+  RecordReply(shard, *reply, p.is_pull);
+  Status s = OkStatus();
+  {
+    std::lock_guard<std::mutex> lock(p.state->mu);
+    if (p.state->abandoned) {
+      s = CancelledError("abandoned");
+    } else if (reply->code != StatusCode::kOk) {
+      s = Status(reply->code,
+                 "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] +
+                     "): " + reply->message);
+    } else if (p.on_reply) {
+      s = p.on_reply(*reply, msg);
+    }
+  }
+  CompleteOne(p, s);
+}
+
+void Client::Impl::SendHeartbeats() {
+  if (options_.role != protocol::Role::kWorker) return;
+  auto now = Clock::now();
+  for (size_t i = 0; i < sockets_.size(); ++i) {
+    if (now - last_send_[i] < options_.heartbeat_interval) continue;
+    Request r = NewRequest();
+    r.body = protocol::Heartbeat{};
+    transport::OutMessage out;
+    out.push_back(Payload::Copy(protocol::EncodeRequest(r)));
+    // Heartbeats are best effort: a full queue means the shard is gone or
+    // slow, and the next request will say so.
+    sockets_[i]->Send(std::move(out), std::chrono::milliseconds(0)).IgnoreError();
+    last_send_[i] = now;
+  }
+}
+
+void Client::Impl::Run() {
+  std::vector<transport::Socket*> socks;
+  for (auto& s : sockets_) socks.push_back(s.get());
+  const int fds[1] = {wake_fd_};
+  while (!stop_.load()) {
+    auto ready = transport::PollReadableWithFds(socks, fds, options_.heartbeat_interval / 2);
+    if (!ready.ok()) {
+      DV_LOG(kError) << "client I/O poll failed: " << ready.status();
+      break;
+    }
+    for (size_t idx : *ready) {
+      if (idx < socks.size()) {
+        // Drain everything that is waiting on this socket.
+        for (;;) {
+          auto msg = socks[idx]->Receive(std::chrono::milliseconds(0));
+          if (!msg.ok()) break;
+          HandleMessage(static_cast<int>(idx), *msg);
+        }
+      } else {
+        uint64_t v;
+        ssize_t n = ::read(wake_fd_, &v, sizeof(v));
+        (void)n;
+      }
+    }
+    std::deque<Command> batch;
+    {
+      std::lock_guard<std::mutex> lock(queue_mu_);
+      batch.swap(queue_);
+    }
+    for (auto& cmd : batch) SendCommand(cmd);
+    SendHeartbeats();
+  }
+  // Fail whatever is still outstanding.
+  for (auto& [id, p] : pending_) CompleteOne(p, CancelledError("client shut down"));
+  pending_.clear();
+  std::lock_guard<std::mutex> lock(queue_mu_);
+  for (auto& cmd : queue_)
+    for (auto& m : cmd.messages) {
+      Pending p{m.shard, nullptr, cmd.state, false};
+      CompleteOne(p, CancelledError("client shut down"));
+    }
+  queue_.clear();
+}
+
+// ---------------------------------------------------------------------------
+Client::Client(const ClientOptions& options)
+    : options_(options), impl_(std::make_unique<Impl>(options, this)) {}
+
+Client::~Client() { impl_->Stop(); }
+
+StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  if (options.num_workers < 1) return InvalidArgumentError("num_workers must be >= 1");
+  if (options.role == protocol::Role::kWorker &&
+      (options.worker_index < 0 || options.worker_index >= options.num_workers))
+    return InvalidArgumentError("worker index " + std::to_string(options.worker_index) +
+                                " out of range for " + std::to_string(options.num_workers) +
+                                " workers");
+  std::unique_ptr<Client> client(new Client(options));
+  DV_RETURN_IF_ERROR(client->impl_->Start());
+
+  const int n = static_cast<int>(options.ps_endpoints.size());
+  auto state = client->impl_->NewState();
+  auto replies = std::make_shared<std::vector<protocol::HelloReply>>(n);
+  std::vector<Impl::Outgoing> msgs;
+  for (int s = 0; s < n; ++s) {
+    Impl::Outgoing m;
+    m.shard = s;
+    m.request = client->impl_->NewRequest();
+    protocol::Hello h;
+    h.role = options.role;
+    h.worker_index = options.worker_index;
+    h.num_workers = options.num_workers;
+    h.num_shards = n;
+    h.staleness = options.expected_staleness;
+    m.request.body = h;
+    m.on_reply = [replies, s](const Reply& r, const InMessage&) -> Status {
+      auto* hr = std::get_if<protocol::HelloReply>(&r.body);
+      if (!hr) return InternalError("hello reply without body");
+      (*replies)[s] = *hr;
+      return OkStatus();
+    };
+    msgs.push_back(std::move(m));
+  }
+  RequestHandle h = client->impl_->Submit(std::move(msgs), state, false);
+  auto start = Clock::now();
+  auto step = std::chrono::milliseconds(5000);
+  for (;;) {
+    auto left = options.connect_timeout -
+                std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start);
+    if (left <= std::chrono::milliseconds(0)) left = std::chrono::milliseconds(1);
+    {
+      std::unique_lock<std::mutex> lock(state->mu);
+      state->cv.wait_for(lock, std::min(step, left), [&] { return state->DoneLocked(); });
+      if (state->DoneLocked()) break;
+      if (Clock::now() - start >= options.connect_timeout) break;
+      std::string who;
+      for (int s : state->pending_shards) who += " " + options.ps_endpoints[s];
+      DV_LOG(kInfo) << "waiting for parameter server(s)" << who << " ("
+                    << std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - start)
+                           .count()
+                    << " s so far, giving up after " << options.connect_timeout.count() / 1000
+                    << " s)";
+    }
+  }
+  Status s = h.Wait(std::chrono::milliseconds(1));
+  if (s.code() == StatusCode::kDeadlineExceeded)
+    return UnavailableError("could not reach every parameter server within " +
+                            std::to_string(options.connect_timeout.count()) + " ms: " +
+                            s.message());
+  DV_RETURN_IF_ERROR(s);
+  int64_t join_clock = 0;
+  for (int i = 0; i < n; ++i) {
+    const auto& r = (*replies)[i];
+    if (r.num_shards != n)
+      return FailedPreconditionError("shard " + std::to_string(i) + " (" +
+                                     options.ps_endpoints[i] + ") says the job has " +
+                                     std::to_string(r.num_shards) + " shards, this worker has " +
+                                     std::to_string(n));
+    join_clock = std::max(join_clock, r.clock);
+  }
+  if (options.role == protocol::Role::kWorker) client->set_clock(join_clock);
+  return client;
+}
+
+int Client::num_shards() const { return static_cast<int>(options_.ps_endpoints.size()); }
+
+ClientStats Client::stats() const {
+  std::lock_guard<std::mutex> lock(impl_->stats_mu_);
+  return impl_->stats_;
+}
+
+int64_t Client::last_min_clock() const {
+  std::lock_guard<std::mutex> lock(impl_->stats_mu_);
+  if (impl_->min_clocks_.empty()) return 0;
+  return *std::min_element(impl_->min_clocks_.begin(), impl_->min_clocks_.end());
+}
+
+Status Client::CreateVariable(const std::string& name, DType dtype, const Shape& shape,
+                              const VariableOptions& options) {
+  if (name.empty()) return InvalidArgumentError("variable name is empty");
+  VariableInfo info;
+  info.spec.name = name;
+  info.spec.dtype = dtype;
+  info.spec.shape = shape.dims();
+  info.spec.initializer = options.initializer;
+  info.spec.optimizer = options.optimizer;
+  info.spec.aggregation = options.aggregation;
+  info.spec.staleness = options.staleness;
+  info.shape = shape;
+  if (!options.initial_values.empty()) {
+    if (static_cast<int64_t>(options.initial_values.size()) != shape.num_elements())
+      return InvalidArgumentError("variable '" + name + "': " +
+                                  std::to_string(options.initial_values.size()) +
+                                  " initial values for shape " + shape.ToString());
+    if (dtype != DType::kF32)
+      return InvalidArgumentError("variable '" + name + "': initial values need dtype f32");
+  }
+  {
+    std::lock_guard<std::mutex> lock(impl_->vars_mu_);
+    DV_ASSIGN_OR_RETURN(info.placement,
+                        impl_->planner_->Place(name, dtype, shape, options.partitioner));
+  }
+  const int64_t row_elems = shape.row_elements();
+  auto state = impl_->NewState();
+  std::vector<Impl::Outgoing> msgs;
+  for (const ShardSlice& slice : info.placement.slices) {
+    Impl::Outgoing m;
+    m.shard = slice.shard;
+    m.request = impl_->NewRequest();
+    protocol::CreateVariable cv;
+    cv.spec = info.spec;
+    cv.rows = {slice.row_begin, slice.row_end};
+    if (!options.initial_values.empty()) {
+      protocol::TensorRef ref;
+      ref.frame = 1;
+      ref.dtype = DType::kF32;
+      ref.shape = shape.dims();
+      if (!ref.shape.empty()) ref.shape[0] = slice.row_end - slice.row_begin;
+      cv.spec.initializer.kind = protocol::InitValues{ref};
+      const float* base = options.initial_values.data() + slice.row_begin * row_elems;
+      size_t bytes = static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems) * 4;
+      m.payloads.push_back(
+          Payload::Copy(std::span<const std::byte>(reinterpret_cast<const std::byte*>(base),
+                                                   bytes)));
+    }
+    m.request.body = cv;
+    msgs.push_back(std::move(m));
+  }
+  DV_RETURN_IF_ERROR(impl_->Submit(std::move(msgs), state, false)
+                         .Wait(options_.request_timeout)
+                         .WithContext("creating variable '" + name + "'"));
+  std::lock_guard<std::mutex> lock(impl_->vars_mu_);
+  impl_->vars_[name] = std::move(info);
+  return OkStatus();
+}
+
+StatusOr<const VariableInfo*> Client::Find(const std::string& name) const {
+  std::lock_guard<std::mutex> lock(impl_->vars_mu_);
+  auto it = impl_->vars_.find(name);
+  if (it == impl_->vars_.end())
+    return NotFoundError("variable '" + name + "' is not known to this client");
+  return &it->second;  // map nodes are stable; entries are never erased
+}
+
+std::vector<std::string> Client::VariableNames() const {
+  std::lock_guard<std::mutex> lock(impl_->vars_mu_);
+  std::vector<std::string> names;
+  for (const auto& [n, v] : impl_->vars_) names.push_back(n);
+  return names;
+}
+
+namespace {
+
+std::vector<int64_t> SliceShape(const VariableInfo& v, int64_t rows) {
+  std::vector<int64_t> s = v.shape.dims();
+  if (s.empty()) return {};
+  s[0] = rows;
+  return s;
+}
+
+// Copies a received float payload into `out`, which must have exactly the
+// frame's element count.
+Status CopyFrame(const protocol::TensorRef& ref, const InMessage& msg, std::span<float> out) {
+  if (ref.frame >= msg.size()) return InternalError("reply references a missing frame");
+  const Frame& f = msg[ref.frame];
+  if (ref.encoding != protocol::Encoding::kRaw || ref.dtype != DType::kF32)
+    return UnimplementedError("only raw f32 pull replies are supported");
+  if (f.size() != out.size_bytes())
+    return InternalError("reply frame has " + std::to_string(f.size()) + " bytes, expected " +
+                         std::to_string(out.size_bytes()));
+  if (f.size()) std::memcpy(out.data(), f.data(), f.size());
+  return OkStatus();
+}
+
+}  // namespace
+
+RequestHandle Client::Pull(std::vector<PullTarget> targets) {
+  // Group reads by shard: one message per shard.
+  std::map<int, Impl::Outgoing> by_shard;
+  for (const PullTarget& t : targets) {
+    auto info_or = Find(t.variable);
+    if (!info_or.ok()) return FailedHandle(info_or.status());
+    const VariableInfo& v = **info_or;
+    if (static_cast<int64_t>(t.out.size()) != v.num_elements())
+      return FailedHandle(InvalidArgumentError(
+          "pull of '" + t.variable + "': buffer has " + std::to_string(t.out.size()) +
+          " floats, variable " + v.shape.ToString() + " has " + std::to_string(v.num_elements())));
+    const int64_t row_elems = v.shape.row_elements();
+    for (const ShardSlice& slice : v.placement.slices) {
+      auto& m = by_shard[slice.shard];
+      m.shard = slice.shard;
+      if (!std::holds_alternative<protocol::Pull>(m.request.body)) {
+        m.request = impl_->NewRequest();
+        m.request.body = protocol::Pull{};
+      }
+      auto& pull = std::get<protocol::Pull>(m.request.body);
+      protocol::Read r;
+      r.variable = t.variable;
+      r.rows = protocol::RowRange{slice.row_begin, slice.row_end};
+      pull.reads.push_back(std::move(r));
+      std::span<float> dst = t.out.subspan(static_cast<size_t>(slice.row_begin * row_elems),
+                                           static_cast<size_t>((slice.row_end - slice.row_begin) *
+                                                               row_elems));
+      size_t read_index = pull.reads.size() - 1;
+      auto prev = std::move(m.on_reply);
+      m.on_reply = [prev = std::move(prev), dst, read_index](const Reply& reply,
+                                                             const InMessage& msg) -> Status {
+        if (prev) DV_RETURN_IF_ERROR(prev(reply, msg));
+        auto* pr = std::get_if<protocol::PullReply>(&reply.body);
+        if (!pr || read_index >= pr->tensors.size())
+          return InternalError("pull reply lacks tensor " + std::to_string(read_index));
+        return CopyFrame(pr->tensors[read_index], msg, dst);
+      };
+    }
+  }
+  std::vector<Impl::Outgoing> msgs;
+  int64_t bytes = 0;
+  for (auto& [s, m] : by_shard) msgs.push_back(std::move(m));
+  for (const auto& t : targets) bytes += static_cast<int64_t>(t.out.size_bytes());
+  {
+    std::lock_guard<std::mutex> lock(impl_->stats_mu_);
+    impl_->stats_.pulls += 1;
+    impl_->stats_.bytes_pulled += bytes;
+  }
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false);
+}
+
+RequestHandle Client::PullViews(std::vector<std::string> variables,
+                                std::shared_ptr<std::vector<PulledVariable>> out) {
+  out->clear();
+  out->resize(variables.size());
+  std::map<int, Impl::Outgoing> by_shard;
+  for (size_t vi = 0; vi < variables.size(); ++vi) {
+    auto info_or = Find(variables[vi]);
+    if (!info_or.ok()) return FailedHandle(info_or.status());
+    const VariableInfo& v = **info_or;
+    (*out)[vi].name = variables[vi];
+    (*out)[vi].slices.resize(v.placement.slices.size());
+    (*out)[vi].version = UINT64_MAX;
+    for (size_t si = 0; si < v.placement.slices.size(); ++si) {
+      const ShardSlice& slice = v.placement.slices[si];
+      auto& m = by_shard[slice.shard];
+      m.shard = slice.shard;
+      if (!std::holds_alternative<protocol::Pull>(m.request.body)) {
+        m.request = impl_->NewRequest();
+        m.request.body = protocol::Pull{};
+      }
+      auto& pull = std::get<protocol::Pull>(m.request.body);
+      protocol::Read r;
+      r.variable = variables[vi];
+      r.rows = protocol::RowRange{slice.row_begin, slice.row_end};
+      pull.reads.push_back(std::move(r));
+      size_t read_index = pull.reads.size() - 1;
+      int64_t expect = (slice.row_end - slice.row_begin) * v.shape.row_elements();
+      PulledSlice* dst = &(*out)[vi].slices[si];
+      dst->row_begin = slice.row_begin;
+      dst->row_end = slice.row_end;
+      uint64_t* version = &(*out)[vi].version;
+      auto prev = std::move(m.on_reply);
+      m.on_reply = [prev = std::move(prev), dst, version, read_index, expect, out](
+                       const Reply& reply, const InMessage& msg) -> Status {
+        if (prev) DV_RETURN_IF_ERROR(prev(reply, msg));
+        auto* pr = std::get_if<protocol::PullReply>(&reply.body);
+        if (!pr || read_index >= pr->tensors.size())
+          return InternalError("pull reply lacks tensor " + std::to_string(read_index));
+        const auto& ref = pr->tensors[read_index];
+        if (ref.frame >= msg.size()) return InternalError("reply references a missing frame");
+        const Frame& f = msg[ref.frame];
+        if (ref.encoding != protocol::Encoding::kRaw ||
+            f.size() != static_cast<size_t>(expect) * sizeof(float))
+          return InternalError("pull reply frame has an unexpected size");
+        dst->values = std::span<const float>(f.as<float>(), static_cast<size_t>(expect));
+        dst->owner = f.owner();
+        if (read_index < pr->versions.size())
+          *version = std::min(*version, pr->versions[read_index]);
+        return OkStatus();
+      };
+    }
+  }
+  std::vector<Impl::Outgoing> msgs;
+  for (auto& [s, m] : by_shard) msgs.push_back(std::move(m));
+  {
+    std::lock_guard<std::mutex> lock(impl_->stats_mu_);
+    impl_->stats_.pulls += 1;
+  }
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false);
+}
+
+namespace {
+
+// Releases one outstanding "buffer borrowed by ZeroMQ" count when the last
+// payload referencing it is freed.
+std::shared_ptr<const void> MakeReleaseToken(std::shared_ptr<RequestHandle::State> state) {
+  {
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->outstanding_releases += 1;
+  }
+  return std::shared_ptr<const void>(static_cast<const void*>(state.get()),
+                                     [state](const void*) {
+                                       std::lock_guard<std::mutex> lock(state->mu);
+                                       state->outstanding_releases -= 1;
+                                       if (state->DoneLocked()) state->cv.notify_all();
+                                     });
+}
+
+Payload BorrowFloats(const float* data, size_t count, const std::shared_ptr<const void>& token) {
+  return Payload::Borrow(data, count * sizeof(float), token);
+}
+
+}  // namespace
+
+RequestHandle Client::Push(std::vector<PushSource> sources, bool advance_clock) {
+  auto state = impl_->NewState();
+  std::map<int, Impl::Outgoing> by_shard;
+  if (advance_clock) {
+    for (int s = 0; s < num_shards(); ++s) {
+      auto& m = by_shard[s];
+      m.shard = s;
+      m.request = impl_->NewRequest();
+      m.request.body = protocol::Push{{}, true};
+    }
+  }
+  std::shared_ptr<const void> token;
+  int64_t bytes = 0;
+  for (const PushSource& src : sources) {
+    auto info_or = Find(src.variable);
+    if (!info_or.ok()) return FailedHandle(info_or.status());
+    const VariableInfo& v = **info_or;
+    if (static_cast<int64_t>(src.grad.size()) != v.num_elements())
+      return FailedHandle(InvalidArgumentError(
+          "push of '" + src.variable + "': gradient has " + std::to_string(src.grad.size()) +
+          " floats, variable " + v.shape.ToString() + " has " + std::to_string(v.num_elements())));
+    if (!token) token = MakeReleaseToken(state);
+    bytes += static_cast<int64_t>(src.grad.size_bytes());
+    const int64_t row_elems = v.shape.row_elements();
+    for (const ShardSlice& slice : v.placement.slices) {
+      auto& m = by_shard[slice.shard];
+      m.shard = slice.shard;
+      if (!std::holds_alternative<protocol::Push>(m.request.body)) {
+        m.request = impl_->NewRequest();
+        m.request.body = protocol::Push{{}, advance_clock};
+      }
+      auto& push = std::get<protocol::Push>(m.request.body);
+      protocol::Update u;
+      u.variable = src.variable;
+      u.values.frame = static_cast<uint32_t>(m.payloads.size() + 1);
+      u.values.dtype = DType::kF32;
+      u.values.shape = SliceShape(v, slice.row_end - slice.row_begin);
+      u.rows = protocol::RowRange{slice.row_begin, slice.row_end};
+      push.updates.push_back(std::move(u));
+      m.payloads.push_back(BorrowFloats(src.grad.data() + slice.row_begin * row_elems,
+                                        static_cast<size_t>((slice.row_end - slice.row_begin) *
+                                                            row_elems),
+                                        token));
+    }
+  }
+  token.reset();  // the payloads hold it now
+  std::vector<Impl::Outgoing> msgs;
+  for (auto& [s, m] : by_shard) msgs.push_back(std::move(m));
+  if (advance_clock) clock_.fetch_add(1);
+  {
+    std::lock_guard<std::mutex> lock(impl_->stats_mu_);
+    impl_->stats_.pushes += 1;
+    impl_->stats_.bytes_pushed += bytes;
+  }
+  return impl_->Submit(std::move(msgs), state, true);
+}
+
+RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange rows,
+                                std::span<float> out) {
+  auto info_or = Find(variable);
+  if (!info_or.ok()) return FailedHandle(info_or.status());
+  const VariableInfo& v = **info_or;
+  const int64_t row_elems = v.shape.row_elements();
+  if (rows.begin < 0 || rows.end > v.shape.rows() || rows.begin > rows.end)
+    return FailedHandle(OutOfRangeError("pull of '" + variable + "': rows [" +
+                                        std::to_string(rows.begin) + ", " +
+                                        std::to_string(rows.end) + ") outside [0, " +
+                                        std::to_string(v.shape.rows()) + ")"));
+  if (static_cast<int64_t>(out.size()) != rows.size() * row_elems)
+    return FailedHandle(InvalidArgumentError("pull of '" + variable + "': buffer has " +
+                                             std::to_string(out.size()) + " floats, rows need " +
+                                             std::to_string(rows.size() * row_elems)));
+  std::vector<Impl::Outgoing> msgs;
+  for (const ShardSlice& slice : v.placement.slices) {
+    int64_t b = std::max(rows.begin, slice.row_begin), e = std::min(rows.end, slice.row_end);
+    if (b >= e) continue;
+    Impl::Outgoing m;
+    m.shard = slice.shard;
+    m.request = impl_->NewRequest();
+    protocol::Pull pull;
+    pull.reads.push_back(protocol::Read{variable, protocol::Encoding::kRaw,
+                                        protocol::RowRange{b, e}});
+    m.request.body = std::move(pull);
+    std::span<float> dst = out.subspan(static_cast<size_t>((b - rows.begin) * row_elems),
+                                       static_cast<size_t>((e - b) * row_elems));
+    m.on_reply = [dst](const Reply& reply, const InMessage& msg) -> Status {
+      auto* pr = std::get_if<protocol::PullReply>(&reply.body);
+      if (!pr || pr->tensors.empty()) return InternalError("pull reply lacks its tensor");
+      return CopyFrame(pr->tensors[0], msg, dst);
+    };
+    msgs.push_back(std::move(m));
+  }
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false);
+}
+
+RequestHandle Client::PushRange(const std::string& variable, protocol::RowRange rows,
+                                std::span<const float> grad) {
+  auto info_or = Find(variable);
+  if (!info_or.ok()) return FailedHandle(info_or.status());
+  const VariableInfo& v = **info_or;
+  const int64_t row_elems = v.shape.row_elements();
+  if (rows.begin < 0 || rows.end > v.shape.rows() || rows.begin > rows.end)
+    return FailedHandle(OutOfRangeError("push of '" + variable + "': rows [" +
+                                        std::to_string(rows.begin) + ", " +
+                                        std::to_string(rows.end) + ") outside [0, " +
+                                        std::to_string(v.shape.rows()) + ")"));
+  if (static_cast<int64_t>(grad.size()) != rows.size() * row_elems)
+    return FailedHandle(InvalidArgumentError("push of '" + variable + "': gradient has " +
+                                             std::to_string(grad.size()) + " floats, rows need " +
+                                             std::to_string(rows.size() * row_elems)));
+  auto state = impl_->NewState();
+  auto token = MakeReleaseToken(state);
+  std::vector<Impl::Outgoing> msgs;
+  for (const ShardSlice& slice : v.placement.slices) {
+    int64_t b = std::max(rows.begin, slice.row_begin), e = std::min(rows.end, slice.row_end);
+    if (b >= e) continue;
+    Impl::Outgoing m;
+    m.shard = slice.shard;
+    m.request = impl_->NewRequest();
+    protocol::Update u;
+    u.variable = variable;
+    u.values.frame = 1;
+    u.values.shape = SliceShape(v, e - b);
+    u.rows = protocol::RowRange{b, e};
+    m.request.body = protocol::Push{{std::move(u)}, false};
+    m.payloads.push_back(BorrowFloats(grad.data() + (b - rows.begin) * row_elems,
+                                      static_cast<size_t>((e - b) * row_elems), token));
+    msgs.push_back(std::move(m));
+  }
+  token.reset();
+  return impl_->Submit(std::move(msgs), state, true);
+}
+
+namespace {
+
+struct RowGroup {
+  std::vector<int64_t> indices;    // global rows for this shard
+  std::vector<size_t> positions;   // where each row sits in the caller's order
+};
+
+Status GroupRows(const VariableInfo& v, std::span<const int64_t> indices,
+                 std::map<int, RowGroup>* groups) {
+  const int64_t rows = v.shape.rows();
+  for (size_t i = 0; i < indices.size(); ++i) {
+    int64_t r = indices[i];
+    if (r < 0 || r >= rows)
+      return OutOfRangeError("variable '" + v.spec.name + "': row " + std::to_string(r) +
+                             " outside [0, " + std::to_string(rows) + ")");
+    auto& g = (*groups)[v.placement.ShardOfRow(r)];
+    g.indices.push_back(r);
+    g.positions.push_back(i);
+  }
+  return OkStatus();
+}
+
+Payload IndexPayload(std::vector<int64_t> indices) {
+  auto holder = std::make_shared<std::vector<int64_t>>(std::move(indices));
+  return Payload::Borrow(holder->data(), holder->size() * sizeof(int64_t), holder);
+}
+
+}  // namespace
+
+RequestHandle Client::PullRows(const std::string& variable, std::span<const int64_t> indices,
+                               std::span<float> out) {
+  auto info_or = Find(variable);
+  if (!info_or.ok()) return FailedHandle(info_or.status());
+  const VariableInfo& v = **info_or;
+  const int64_t row_elems = v.shape.row_elements();
+  if (out.size() != indices.size() * static_cast<size_t>(row_elems))
+    return FailedHandle(InvalidArgumentError(
+        "sparse pull of '" + variable + "': buffer has " + std::to_string(out.size()) +
+        " floats, " + std::to_string(indices.size()) + " rows need " +
+        std::to_string(indices.size() * static_cast<size_t>(row_elems))));
+  std::map<int, RowGroup> groups;
+  Status gs = GroupRows(v, indices, &groups);
+  if (!gs.ok()) return FailedHandle(gs);
+  std::vector<Impl::Outgoing> msgs;
+  for (auto& [shard, g] : groups) {
+    Impl::Outgoing m;
+    m.shard = shard;
+    m.request = impl_->NewRequest();
+    protocol::TensorRef idx;
+    idx.frame = 1;
+    idx.dtype = DType::kI64;
+    idx.shape = {static_cast<int64_t>(g.indices.size())};
+    protocol::Pull pull;
+    pull.reads.push_back(protocol::Read{variable, protocol::Encoding::kRaw, idx});
+    m.request.body = std::move(pull);
+    m.payloads.push_back(IndexPayload(g.indices));
+    m.on_reply = [positions = g.positions, out, row_elems](const Reply& reply,
+                                                           const InMessage& msg) -> Status {
+      auto* pr = std::get_if<protocol::PullReply>(&reply.body);
+      if (!pr || pr->tensors.empty()) return InternalError("pull reply lacks its tensor");
+      const auto& ref = pr->tensors[0];
+      if (ref.frame >= msg.size()) return InternalError("reply references a missing frame");
+      const Frame& f = msg[ref.frame];
+      size_t row_bytes = static_cast<size_t>(row_elems) * sizeof(float);
+      if (f.size() != positions.size() * row_bytes)
+        return InternalError("sparse pull reply has an unexpected size");
+      for (size_t i = 0; i < positions.size(); ++i)
+        std::memcpy(out.data() + positions[i] * static_cast<size_t>(row_elems),
+                    f.data() + i * row_bytes, row_bytes);
+      return OkStatus();
+    };
+    msgs.push_back(std::move(m));
+  }
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false);
+}
+
+RequestHandle Client::PushRows(const std::string& variable, std::span<const int64_t> indices,
+                               std::span<const float> grad) {
+  auto info_or = Find(variable);
+  if (!info_or.ok()) return FailedHandle(info_or.status());
+  const VariableInfo& v = **info_or;
+  const int64_t row_elems = v.shape.row_elements();
+  if (grad.size() != indices.size() * static_cast<size_t>(row_elems))
+    return FailedHandle(InvalidArgumentError(
+        "sparse push of '" + variable + "': gradient has " + std::to_string(grad.size()) +
+        " floats, " + std::to_string(indices.size()) + " rows need " +
+        std::to_string(indices.size() * static_cast<size_t>(row_elems))));
+  std::map<int, RowGroup> groups;
+  Status gs = GroupRows(v, indices, &groups);
+  if (!gs.ok()) return FailedHandle(gs);
+  std::vector<Impl::Outgoing> msgs;
+  for (auto& [shard, g] : groups) {
+    Impl::Outgoing m;
+    m.shard = shard;
+    m.request = impl_->NewRequest();
+    protocol::TensorRef idx;
+    idx.frame = 1;
+    idx.dtype = DType::kI64;
+    idx.shape = {static_cast<int64_t>(g.indices.size())};
+    protocol::Update u;
+    u.variable = variable;
+    u.values.frame = 2;
+    u.values.shape = SliceShape(v, static_cast<int64_t>(g.indices.size()));
+    u.rows = idx;
+    m.request.body = protocol::Push{{std::move(u)}, false};
+    m.payloads.push_back(IndexPayload(g.indices));
+    // Gather this shard's rows into one contiguous buffer.
+    auto rows = std::make_shared<std::vector<float>>(g.indices.size() *
+                                                     static_cast<size_t>(row_elems));
+    for (size_t i = 0; i < g.positions.size(); ++i)
+      std::memcpy(rows->data() + i * static_cast<size_t>(row_elems),
+                  grad.data() + g.positions[i] * static_cast<size_t>(row_elems),
+                  static_cast<size_t>(row_elems) * sizeof(float));
+    m.payloads.push_back(Payload::Borrow(rows->data(), rows->size() * sizeof(float), rows));
+    msgs.push_back(std::move(m));
+  }
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false);
+}
+
+namespace {
+// Builds one message per shard with the same body.
+template <typename Body>
+std::vector<Client::Impl::Outgoing> ToEveryShard(Client::Impl* impl, int shards,
+                                                 const Body& body) {
+  std::vector<Client::Impl::Outgoing> msgs;
+  for (int s = 0; s < shards; ++s) {
+    Client::Impl::Outgoing m;
+    m.shard = s;
+    m.request = impl->NewRequest();
+    m.request.body = body;
+    msgs.push_back(std::move(m));
+  }
+  return msgs;
+}
+}  // namespace
+
+Status Client::AdvanceClock() {
+  auto msgs = ToEveryShard(impl_.get(), num_shards(), protocol::AdvanceClock{-1});
+  clock_.fetch_add(1);
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false).Wait(options_.request_timeout);
+}
+
+Status Client::Barrier(const std::string& name) {
+  // Shard 0 coordinates barriers.
+  Impl::Outgoing m;
+  m.shard = 0;
+  m.request = impl_->NewRequest();
+  m.request.body = protocol::Barrier{name};
+  std::vector<Impl::Outgoing> msgs;
+  msgs.push_back(std::move(m));
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false).Wait(options_.request_timeout);
+}
+
+Status Client::SetStaleness(int32_t staleness, const std::string& variable, bool stale_aware_lr,
+                            int64_t at_clock) {
+  protocol::SetMode body{staleness, variable, stale_aware_lr, at_clock};
+  return impl_->Submit(ToEveryShard(impl_.get(), num_shards(), body), impl_->NewState(), false)
+      .Wait(options_.request_timeout);
+}
+
+Status Client::SetLearningRate(double learning_rate, const std::string& variable) {
+  protocol::SetLearningRate body{variable, learning_rate};
+  return impl_->Submit(ToEveryShard(impl_.get(), num_shards(), body), impl_->NewState(), false)
+      .Wait(options_.request_timeout);
+}
+
+StatusOr<std::vector<protocol::StatsReply>> Client::Stats() {
+  auto msgs = ToEveryShard(impl_.get(), num_shards(), protocol::Stats{});
+  auto out = std::make_shared<std::vector<protocol::StatsReply>>(msgs.size());
+  for (auto& m : msgs) {
+    int s = m.shard;
+    m.on_reply = [out, s](const Reply& r, const InMessage&) -> Status {
+      auto* sr = std::get_if<protocol::StatsReply>(&r.body);
+      if (!sr) return InternalError("stats reply without body");
+      (*out)[s] = *sr;
+      return OkStatus();
+    };
+  }
+  DV_RETURN_IF_ERROR(
+      impl_->Submit(std::move(msgs), impl_->NewState(), false).Wait(options_.request_timeout));
+  return std::move(*out);
+}
+
+Status Client::ShutdownServers(bool checkpoint_first) {
+  return impl_
+      ->Submit(ToEveryShard(impl_.get(), num_shards(), protocol::Shutdown{checkpoint_first}),
+               impl_->NewState(), false)
+      .Wait(options_.request_timeout);
+}
+
+}  // namespace distval

@@ -1,0 +1,232 @@
+// Client: a worker's connection to every parameter-server shard.
+//
+// The client owns one DEALER socket per shard, all driven by ONE background
+// I/O thread (ZeroMQ sockets are not thread-safe). Any thread may call the
+// client: requests are handed to the I/O thread and come back as a
+// RequestHandle to Wait() on. Requests to different shards are in flight at
+// the same time.
+//
+//   DV_ASSIGN_OR_RETURN(auto client, Client::Connect(options));
+//   DV_RETURN_IF_ERROR(client->CreateVariable("w", DType::kF32, {784, 10}, {}));
+//   DV_RETURN_IF_ERROR(client->Pull({{"w", params}}).Wait());
+//   ... compute grads ...
+//   DV_RETURN_IF_ERROR(client->Push({{"w", grads}}).Wait());   // also advances the clock
+//
+// Data path: a pull copies each received frame once, straight into the
+// caller's buffer (or hands out zero-copy views, PullViews). A push sends the
+// caller's gradient buffer zero-copy: the buffer must stay unchanged until the
+// push's Wait() returns (Wait also waits for ZeroMQ to release it).
+//
+// Clocks: the client's clock counts completed steps. Push(..., advance_clock
+// = true) sends the gradient for the current clock to every shard and then
+// advances the clock; AdvanceClock() does so without a gradient.
+//
+// Thread-safety: all methods are thread-safe. Pull/Push destinations and
+// sources are borrowed until the returned handle's Wait() returns OK or
+// fails; do not touch them before.
+#ifndef DISTVAL_CLIENT_H_
+#define DISTVAL_CLIENT_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "distval/partitioner.h"
+#include "distval/protocol.h"
+#include "distval/status.h"
+#include "distval/tensor.h"
+#include "distval/transport.h"
+
+namespace distval {
+
+struct ClientOptions {
+  // ZeroMQ endpoints of the shards; shard i is ps_endpoints[i].
+  std::vector<std::string> ps_endpoints;
+  // This worker's index and the number of workers in the job.
+  int worker_index = 0;
+  int num_workers = 1;
+  // Worker (waited for by BSP/SSP, has a clock) or control client (tools).
+  protocol::Role role = protocol::Role::kWorker;
+  // Job staleness this worker expects; a shard configured differently
+  // refuses the hello (-3: don't check).
+  int32_t expected_staleness = protocol::kStalenessDontCheck;
+  // How long Connect waits for every shard to answer its hello.
+  std::chrono::milliseconds connect_timeout{30000};
+  // Heartbeat period (keeps this worker in the live set).
+  std::chrono::milliseconds heartbeat_interval{1000};
+  // Default deadline of RequestHandle::Wait() when none is given.
+  std::chrono::milliseconds request_timeout{120000};
+  // Largest message accepted from a server (ZMQ_MAXMSGSIZE; -1 unlimited).
+  int64_t max_message_bytes = -1;
+};
+
+// Per-variable settings for CreateVariable.
+struct VariableOptions {
+  protocol::Initializer initializer = {0, protocol::InitGlorotUniform{}};
+  protocol::OptimizerSpec optimizer;
+  protocol::Aggregation aggregation = protocol::Aggregation::kMean;
+  // Per-variable staleness override (kStalenessInherit: the job's).
+  int32_t staleness = protocol::kStalenessInherit;
+  // How the variable is split over shards (default: never split).
+  Partitioner partitioner = Partitioner::None();
+  // Initial values for InitValues (the whole variable, row-major); when set,
+  // it overrides `initializer`. Borrowed for the duration of the call.
+  std::span<const float> initial_values;
+};
+
+// What the client knows of a variable: its spec and where its rows live.
+struct VariableInfo {
+  protocol::VariableSpec spec;
+  Shape shape;
+  VariablePlacement placement;
+  int64_t num_elements() const { return shape.num_elements(); }
+};
+
+// Completion of an asynchronous request (one or several shards).
+class RequestHandle {
+ public:
+  RequestHandle() = default;  // an empty handle: Wait() returns OK
+  // Blocks until every shard answered (and, for pushes, ZeroMQ released the
+  // borrowed buffers) or `timeout` passed (nullopt: the client's
+  // request_timeout). Returns the first error: the server's Status (with the
+  // shard named), Unavailable when a shard could not be reached,
+  // DeadlineExceeded naming the shards still outstanding. Calling Wait again
+  // returns the same result.
+  Status Wait(std::optional<std::chrono::milliseconds> timeout = std::nullopt);
+  // True once Wait would not block.
+  bool Done() const;
+
+  struct State;  // implementation detail
+  explicit RequestHandle(std::shared_ptr<State> state) : state_(std::move(state)) {}
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+// A pulled slice, zero-copy: the bytes stay valid while the view lives.
+struct PulledSlice {
+  int64_t row_begin = 0;  // global rows held by this slice
+  int64_t row_end = 0;
+  std::span<const float> values;     // (row_end - row_begin) * row_elements values
+  std::shared_ptr<const void> owner;  // keeps the received frame alive
+};
+struct PulledVariable {
+  std::string name;
+  std::vector<PulledSlice> slices;  // sorted by row_begin, covering all rows
+  uint64_t version = 0;             // smallest version among the slices
+  // Copies the whole variable into `out` (num_elements values).
+  Status CopyTo(std::span<float> out) const;
+};
+
+// A destination for Pull: the whole variable lands in `out`.
+struct PullTarget {
+  std::string variable;
+  std::span<float> out;
+};
+// A source for Push: the gradient of the whole variable.
+struct PushSource {
+  std::string variable;
+  std::span<const float> grad;
+};
+
+// Statistics of what this client saw (for summaries and metrics).
+struct ClientStats {
+  int64_t pulls = 0;
+  int64_t pushes = 0;
+  int64_t bytes_pulled = 0;
+  int64_t bytes_pushed = 0;
+  // Staleness observed by pulls: this worker's clock minus the smallest live
+  // clock the shard reported.
+  int64_t staleness_sum = 0;
+  int64_t staleness_max = 0;
+  int64_t staleness_samples = 0;
+};
+
+class Client {
+ public:
+  // Connects to every shard and says hello; fails with Unavailable naming the
+  // shards that did not answer within connect_timeout, or FailedPrecondition
+  // when a shard's settings (number of shards, staleness, protocol version)
+  // differ from ours (both values in the message). Starts the I/O thread.
+  static StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+  // Stops the I/O thread; outstanding handles complete with Cancelled.
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // Creates the variable on the shards that hold its rows (placement from the
+  // partitioner, computed locally: every worker that creates the same
+  // variables in the same order gets the same map). Idempotent across
+  // workers; a different spec under the same name is AlreadyExists.
+  Status CreateVariable(const std::string& name, DType dtype, const Shape& shape,
+                        const VariableOptions& options);
+  // NotFound if this client has not created (or looked up) the variable.
+  StatusOr<const VariableInfo*> Find(const std::string& name) const;
+  std::vector<std::string> VariableNames() const;
+
+  // Dense pull of whole variables into caller buffers (one copy each, from
+  // the received frame). InvalidArgument (immediately, in the handle) when a
+  // buffer's size differs from the variable's element count; NotFound for
+  // an unknown variable.
+  RequestHandle Pull(std::vector<PullTarget> targets);
+  // Zero-copy pull: `*out` is filled when the handle completes OK.
+  RequestHandle PullViews(std::vector<std::string> variables,
+                          std::shared_ptr<std::vector<PulledVariable>> out);
+  // Dense push of whole-variable gradients, sent zero-copy; with
+  // advance_clock, every shard also advances this worker's clock (shards
+  // holding none of the variables get an empty push).
+  RequestHandle Push(std::vector<PushSource> sources, bool advance_clock = true);
+  // Pull / push of a contiguous row range [rows.begin, rows.end) of one
+  // variable (values: rows.size() x row_elements).
+  RequestHandle PullRange(const std::string& variable, protocol::RowRange rows,
+                          std::span<float> out);
+  RequestHandle PushRange(const std::string& variable, protocol::RowRange rows,
+                          std::span<const float> grad);
+  // Sparse pull / push of rows (embeddings); `indices` are global row
+  // numbers; values are indices.size() x row_elements. The indices are
+  // copied; `out` / `grad` are borrowed until Wait returns.
+  RequestHandle PullRows(const std::string& variable, std::span<const int64_t> indices,
+                         std::span<float> out);
+  RequestHandle PushRows(const std::string& variable, std::span<const int64_t> indices,
+                         std::span<const float> grad);
+
+  // Advances this worker's clock on every shard without a gradient.
+  Status AdvanceClock();
+  // Steps this worker has completed.
+  int64_t clock() const { return clock_.load(); }
+  // Sets the clock (used when a worker rejoins: Connect sets it to the
+  // clock the shards report).
+  void set_clock(int64_t clock) { clock_.store(clock); }
+
+  // Waits until every live worker reached the same named barrier.
+  Status Barrier(const std::string& name);
+  // Control requests, sent to every shard.
+  Status SetStaleness(int32_t staleness, const std::string& variable = "",
+                      bool stale_aware_lr = false, int64_t at_clock = -1);
+  Status SetLearningRate(double learning_rate, const std::string& variable = "");
+  StatusOr<std::vector<protocol::StatsReply>> Stats();
+  Status ShutdownServers(bool checkpoint_first = false);
+
+  int num_shards() const;
+  const ClientOptions& options() const { return options_; }
+  ClientStats stats() const;
+  // Smallest live clock reported by the last replies (min over shards).
+  int64_t last_min_clock() const;
+
+  class Impl;
+
+ private:
+  explicit Client(const ClientOptions& options);
+  ClientOptions options_;
+  std::atomic<int64_t> clock_{0};
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace distval
+
+#endif  // DISTVAL_CLIENT_H_
