@@ -1,0 +1,427 @@
+#include "variable_store.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+#include <utility>
+
+#include "initializer.h"
+
+namespace distval::ps {
+namespace {
+
+using protocol::RowRange;
+using protocol::VariableSpec;
+
+// Built with append: GCC 12 warns falsely (-Wrestrict) on "literal" + rvalue.
+std::string Quoted(std::string_view name) {
+  std::string s;
+  s.reserve(name.size() + 2);
+  s.append("'").append(name).append("'");
+  return s;
+}
+
+std::string RangeText(RowRange r) {
+  std::string s("[");
+  s.append(std::to_string(r.begin)).append(", ").append(std::to_string(r.end)).append(")");
+  return s;
+}
+
+std::string DimsText(std::span<const int64_t> dims) {
+  return Shape(std::vector<int64_t>(dims.begin(), dims.end())).ToString();
+}
+
+std::string Num(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// The shard buffer shape for rows `rows` of a variable of `shape`.
+Shape ShardShape(const Shape& shape, RowRange rows) {
+  if (shape.rank() == 0) return Shape();
+  std::vector<int64_t> dims = shape.dims();
+  dims[0] = rows.size();
+  return Shape(std::move(dims));
+}
+
+// Expected payload shape for `num_rows` rows of v.
+std::vector<int64_t> RowsShape(const Variable& v, int64_t num_rows) {
+  if (v.shape().rank() == 0) return {};
+  std::vector<int64_t> dims = v.shape().dims();
+  dims[0] = num_rows;
+  return dims;
+}
+
+// The first field in which two specs of the same name differ, or "".
+std::string FirstDifference(const VariableSpec& a, const VariableSpec& b) {
+  if (a.dtype != b.dtype) return "dtype";
+  if (a.shape != b.shape) return "shape";
+  if (a.initializer.seed != b.initializer.seed) return "initializer.seed";
+  if (a.initializer.kind.index() != b.initializer.kind.index()) return "initializer kind";
+  {
+    // The values initializer's frame index is transport detail, not spec.
+    protocol::Initializer ia = a.initializer, ib = b.initializer;
+    if (auto* va = std::get_if<protocol::InitValues>(&ia.kind)) va->values.frame = 0;
+    if (auto* vb = std::get_if<protocol::InitValues>(&ib.kind)) vb->values.frame = 0;
+    if (ia != ib) return "initializer parameters";
+  }
+  const auto& oa = a.optimizer;
+  const auto& ob = b.optimizer;
+  if (oa.kind != ob.kind) return "optimizer.kind";
+  if (oa.learning_rate != ob.learning_rate) return "optimizer.learning_rate";
+  if (oa.momentum != ob.momentum) return "optimizer.momentum";
+  if (oa.nesterov != ob.nesterov) return "optimizer.nesterov";
+  if (oa.beta1 != ob.beta1) return "optimizer.beta1";
+  if (oa.beta2 != ob.beta2) return "optimizer.beta2";
+  if (oa.epsilon != ob.epsilon) return "optimizer.epsilon";
+  if (oa.weight_decay != ob.weight_decay) return "optimizer.weight_decay";
+  if (oa.initial_accumulator != ob.initial_accumulator) return "optimizer.initial_accumulator";
+  if (a.aggregation != b.aggregation) return "aggregation";
+  if (a.staleness != b.staleness) return "staleness";
+  return "";
+}
+
+Status ValidateSpec(const VariableSpec& spec, RowRange rows) {
+  if (spec.name.empty()) return InvalidArgumentError("variable name is empty");
+  const std::string var = "variable " + Quoted(spec.name);
+  if (spec.dtype != DType::kF32)
+    return UnimplementedError(var + ": dtype " + std::string(DTypeName(spec.dtype)) +
+                              " is not supported: only f32 variables are trainable");
+  auto shape = Shape::Make(spec.shape);
+  if (!shape.ok()) return shape.status().WithContext(var);
+  const int64_t num_rows = shape->rows();
+  if (shape->rank() == 0) {
+    if (rows.begin != 0 || rows.end != 1)
+      return InvalidArgumentError(var + ": a scalar's shard rows must be [0, 1), got " +
+                                  RangeText(rows));
+  } else if (rows.begin < 0 || rows.begin > rows.end || rows.end > num_rows) {
+    return InvalidArgumentError(var + ": shard rows " + RangeText(rows) + " are not within [0, " +
+                                std::to_string(num_rows) + ") of shape " + shape->ToString());
+  }
+  if (spec.aggregation != protocol::Aggregation::kMean &&
+      spec.aggregation != protocol::Aggregation::kSum)
+    return InvalidArgumentError(var + ": aggregation " +
+                                std::to_string(static_cast<int>(spec.aggregation)) +
+                                " is unknown (expected mean or sum)");
+  if (spec.staleness < protocol::kStalenessInherit)
+    return InvalidArgumentError(var + ": staleness " + std::to_string(spec.staleness) +
+                                " is invalid (expected >= 0, -1 for async or -2 to inherit)");
+  DV_RETURN_IF_ERROR(ValidateOptimizerSpec(spec.optimizer).WithContext(var));
+  DV_RETURN_IF_ERROR(
+      ValidateInitializer(spec.initializer, ShardShape(*shape, rows)).WithContext(var));
+  return OkStatus();
+}
+
+// Where an update writes. Caller holds v.mu_ exclusively.
+struct WriteTarget {
+  const float* in;
+  float* out;
+  bool swap;  // out is the spare buffer: swap it in after writing.
+};
+
+}  // namespace
+
+Variable::Variable(Key, VariableSpec spec, Shape shape, RowRange rows, Shape shard_shape)
+    : spec_(std::move(spec)),
+      shape_(std::move(shape)),
+      rows_(rows),
+      shard_shape_(std::move(shard_shape)),
+      row_elements_(shape_.row_elements()) {}
+
+namespace {
+
+// Pairs with the borrowers' releasing shared_ptr decrement (see below).
+inline void AcquireAfterUseCount() {
+#if !defined(__SANITIZE_THREAD__)  // TSan does not model fences (and -Wtsan warns).
+  std::atomic_thread_fence(std::memory_order_acquire);
+#endif
+}
+
+// Chooses the buffer an update writes (see "Zero-copy pulls" in the header):
+// the current one when nobody outside the store holds it, else a spare one.
+// shared_ptr::use_count() is a relaxed load; the acquire fence after reading
+// 1 orders the borrowers' last reads (before their releasing decrement)
+// before our writes. New borrowers cannot appear meanwhile: Snapshot() needs
+// the shared lock and the caller holds the exclusive one.
+WriteTarget PrepareWrite(std::shared_ptr<Tensor>& params, std::shared_ptr<Tensor>& spare,
+                         const Shape& shard_shape) {
+  float* current = params->data_as<float>();
+  if (params.use_count() == 1) {
+    AcquireAfterUseCount();
+    return {current, current, false};
+  }
+  if (!spare || spare.use_count() != 1) spare = std::make_shared<Tensor>(DType::kF32, shard_shape);
+  AcquireAfterUseCount();
+  return {current, spare->data_as<float>(), true};
+}
+
+void CopyElements(const float* from, float* to, int64_t begin, int64_t end) {
+  if (end > begin)
+    std::memcpy(to + begin, from + begin, static_cast<size_t>(end - begin) * sizeof(float));
+}
+
+}  // namespace
+
+StatusOr<Variable*> VariableStore::Create(const VariableSpec& spec, RowRange rows,
+                                          const float* initial_values) {
+  DV_RETURN_IF_ERROR(ValidateSpec(spec, rows));
+  Shape shape(spec.shape);
+  const std::string var = "variable " + Quoted(spec.name);
+
+  auto check_existing = [&](Variable& existing) -> StatusOr<Variable*> {
+    std::string field = FirstDifference(existing.spec(), spec);
+    if (field.empty() && existing.rows() != rows) field = "shard rows";
+    if (field.empty()) return &existing;
+    return AlreadyExistsError(var + " already exists with shape " + existing.shape().ToString() +
+                              " " + std::string(DTypeName(existing.spec().dtype)) + ", rows " +
+                              RangeText(existing.rows()) + "; the request has shape " +
+                              shape.ToString() + " " + std::string(DTypeName(spec.dtype)) +
+                              ", rows " + RangeText(rows) + ": " + field + " differs");
+  };
+  {
+    std::shared_lock lock(mu_);
+    auto it = by_name_.find(spec.name);
+    if (it != by_name_.end()) return check_existing(*it->second);
+  }
+
+  const bool needs_values = std::holds_alternative<protocol::InitValues>(spec.initializer.kind);
+  if (needs_values && initial_values == nullptr)
+    return InvalidArgumentError(var + ": the values initializer needs initial values, none given");
+
+  Shape shard_shape = ShardShape(shape, rows);
+  auto v = std::make_unique<Variable>(Variable::Key(), spec, shape, rows, shard_shape);
+  DV_ASSIGN_OR_RETURN(v->optimizer_, Optimizer::Create(spec.optimizer, shard_shape));
+  v->params_ = std::make_shared<Tensor>(DType::kF32, shard_shape);
+  const size_t n = static_cast<size_t>(shard_shape.num_elements());
+  std::span<const float> values;
+  if (needs_values) values = std::span<const float>(initial_values, n);
+  // For a scalar, InitializeRows sees rows [0, 1) of shape [] (one row).
+  DV_RETURN_IF_ERROR(InitializeRows(spec.initializer, shape, rows,
+                                    std::span<float>(v->params_->data_as<float>(), n), values)
+                         .WithContext(var));
+  v->learning_rate_.store(v->optimizer_->learning_rate());
+  v->bytes_ = v->params_->num_bytes() + v->optimizer_->SlotBytes();
+
+  std::unique_lock lock(mu_);
+  auto it = by_name_.find(spec.name);
+  if (it != by_name_.end()) return check_existing(*it->second);  // Lost a creation race.
+  Variable* raw = v.get();
+  total_bytes_.fetch_add(raw->bytes_, std::memory_order_relaxed);
+  by_name_.emplace(spec.name, std::move(v));
+  order_.push_back(raw);
+  return raw;
+}
+
+StatusOr<Variable*> VariableStore::Find(std::string_view name) const {
+  std::shared_lock lock(mu_);
+  auto it = by_name_.find(name);
+  if (it == by_name_.end())
+    return NotFoundError("variable " + Quoted(name) + " does not exist on this shard");
+  return it->second.get();
+}
+
+std::vector<Variable*> VariableStore::All() const {
+  std::shared_lock lock(mu_);
+  return order_;
+}
+
+size_t VariableStore::size() const {
+  std::shared_lock lock(mu_);
+  return order_.size();
+}
+
+// ---- Validation
+
+Status VariableStore::ValidateDenseRange(const Variable& v, RowRange rows) {
+  if (rows.begin > rows.end)
+    return InvalidArgumentError("variable " + Quoted(v.name()) + ": row range " + RangeText(rows) +
+                                " has begin > end");
+  if (rows.begin < v.rows().begin || rows.end > v.rows().end)
+    return OutOfRangeError("variable " + Quoted(v.name()) + ": rows " + RangeText(rows) +
+                           " are outside this shard's rows " + RangeText(v.rows()));
+  return OkStatus();
+}
+
+Status VariableStore::ValidateDensePayload(const Variable& v, RowRange rows, DType dtype,
+                                           std::span<const int64_t> payload_shape) {
+  DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
+  if (dtype != DType::kF32)
+    return InvalidArgumentError("variable " + Quoted(v.name()) + ": payload dtype " +
+                                std::string(DTypeName(dtype)) + " for rows " + RangeText(rows) +
+                                ", expected f32");
+  const std::vector<int64_t> expected = RowsShape(v, rows.size());
+  if (!std::equal(payload_shape.begin(), payload_shape.end(), expected.begin(), expected.end()))
+    return InvalidArgumentError("variable " + Quoted(v.name()) + ": payload shape " +
+                                DimsText(payload_shape) + " does not match " + DimsText(expected) +
+                                " expected for rows " + RangeText(rows));
+  return OkStatus();
+}
+
+Status VariableStore::ValidateSparseIndices(const Variable& v, DType dtype,
+                                            std::span<const int64_t> indices_shape) {
+  if (dtype != DType::kI64)
+    return InvalidArgumentError("variable " + Quoted(v.name()) + ": row indices have dtype " +
+                                std::string(DTypeName(dtype)) + ", expected i64");
+  if (indices_shape.size() != 1)
+    return InvalidArgumentError("variable " + Quoted(v.name()) + ": row indices have shape " +
+                                DimsText(indices_shape) + ", expected rank 1");
+  return OkStatus();
+}
+
+Status VariableStore::ValidateSparseRows(const Variable& v, std::span<const int64_t> global_rows) {
+  const RowRange r = v.rows();
+  for (size_t i = 0; i < global_rows.size(); ++i) {
+    const int64_t row = global_rows[i];
+    if (row < r.begin || row >= r.end)
+      return OutOfRangeError("variable " + Quoted(v.name()) + ": row index " + std::to_string(row) +
+                             " (position " + std::to_string(i) + " of " +
+                             std::to_string(global_rows.size()) +
+                             ") is outside this shard's rows " + RangeText(r));
+  }
+  return OkStatus();
+}
+
+Status VariableStore::ValidateSparsePayload(const Variable& v, int64_t num_rows, DType dtype,
+                                            std::span<const int64_t> payload_shape) {
+  if (dtype != DType::kF32)
+    return InvalidArgumentError("variable " + Quoted(v.name()) + ": sparse payload dtype " +
+                                std::string(DTypeName(dtype)) + ", expected f32");
+  std::vector<int64_t> expected = v.shape().dims();
+  if (expected.empty())
+    expected.push_back(num_rows);  // Scalar: one element per row.
+  else
+    expected[0] = num_rows;
+  if (!std::equal(payload_shape.begin(), payload_shape.end(), expected.begin(), expected.end()))
+    return InvalidArgumentError("variable " + Quoted(v.name()) + ": sparse payload shape " +
+                                DimsText(payload_shape) + " does not match " + DimsText(expected) +
+                                " expected for " + std::to_string(num_rows) + " row indices");
+  return OkStatus();
+}
+
+// ---- Updates
+
+Status VariableStore::ApplyDense(Variable& v, RowRange rows, const float* grad, float grad_scale,
+                                 float lr_scale, const RangeRunner& runner) {
+  DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
+  std::unique_lock lock(v.mu_);
+  const int64_t begin = v.LocalOffset(rows.begin);
+  const int64_t end = v.LocalOffset(rows.end);
+  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_);
+  if (t.swap) {
+    CopyElements(t.in, t.out, 0, begin);
+    CopyElements(t.in, t.out, end, v.num_elements());
+  }
+  Optimizer& opt = *v.optimizer_;
+  opt.BeginStep();
+  if (runner && end - begin > 0) {
+    runner(end - begin, [&](int64_t b, int64_t e) {
+      opt.ApplyDense(t.in, t.out, grad + b, begin + b, begin + e, grad_scale, lr_scale);
+    });
+  } else {
+    opt.ApplyDense(t.in, t.out, grad, begin, end, grad_scale, lr_scale);
+  }
+  if (t.swap) std::swap(v.params_, v.spare_);
+  v.version_.fetch_add(1, std::memory_order_release);
+  return OkStatus();
+}
+
+Status VariableStore::ApplySparse(Variable& v, std::span<const int64_t> global_rows,
+                                  const float* grad_rows, float grad_scale, float lr_scale) {
+  DV_RETURN_IF_ERROR(ValidateSparseRows(v, global_rows));
+  std::vector<int64_t> local(global_rows.size());
+  for (size_t i = 0; i < local.size(); ++i) local[i] = global_rows[i] - v.rows().begin;
+  std::unique_lock lock(v.mu_);
+  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_);
+  if (t.swap) CopyElements(t.in, t.out, 0, v.num_elements());
+  v.optimizer_->BeginStep();
+  v.optimizer_->ApplyRows(t.out, local, grad_rows, grad_scale, lr_scale);
+  if (t.swap) std::swap(v.params_, v.spare_);
+  v.version_.fetch_add(1, std::memory_order_release);
+  return OkStatus();
+}
+
+// ---- Reads
+
+Status VariableStore::ReadDense(const Variable& v, RowRange rows, float* out, uint64_t* version) {
+  DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
+  std::shared_lock lock(v.mu_);
+  const int64_t begin = v.LocalOffset(rows.begin);
+  const int64_t n = rows.size() * v.row_elements();
+  if (n > 0)
+    std::memcpy(out, v.params_->data_as<float>() + begin, static_cast<size_t>(n) * sizeof(float));
+  if (version) *version = v.version_.load(std::memory_order_relaxed);
+  return OkStatus();
+}
+
+Status VariableStore::ReadRows(const Variable& v, std::span<const int64_t> global_rows, float* out,
+                               uint64_t* version) {
+  DV_RETURN_IF_ERROR(ValidateSparseRows(v, global_rows));
+  std::shared_lock lock(v.mu_);
+  const float* params = v.params_->data_as<float>();
+  const size_t row_bytes = static_cast<size_t>(v.row_elements()) * sizeof(float);
+  for (size_t i = 0; i < global_rows.size(); ++i) {
+    if (row_bytes == 0) break;
+    std::memcpy(out + static_cast<int64_t>(i) * v.row_elements(),
+                params + v.LocalOffset(global_rows[i]), row_bytes);
+  }
+  if (version) *version = v.version_.load(std::memory_order_relaxed);
+  return OkStatus();
+}
+
+ParamsSnapshot VariableStore::Snapshot(const Variable& v) {
+  std::shared_lock lock(v.mu_);
+  return ParamsSnapshot{v.params_, v.version_.load(std::memory_order_relaxed)};
+}
+
+// ---- Learning rate
+
+Status VariableStore::SetLearningRate(std::string_view name, double learning_rate) {
+  if (!std::isfinite(learning_rate) || learning_rate < 0)
+    return InvalidArgumentError(
+        "learning_rate = " + Num(learning_rate) + " for " +
+        (name.empty() ? std::string("all variables") : "variable " + Quoted(name)) +
+        " must be finite and >= 0");
+  std::vector<Variable*> targets;
+  if (name.empty()) {
+    targets = All();
+  } else {
+    DV_ASSIGN_OR_RETURN(Variable * v, Find(name));
+    targets.push_back(v);
+  }
+  for (Variable* v : targets) {
+    std::unique_lock lock(v->mu_);
+    DV_RETURN_IF_ERROR(v->optimizer_->SetLearningRate(learning_rate));  // Validated above.
+    v->learning_rate_.store(learning_rate, std::memory_order_relaxed);
+  }
+  return OkStatus();
+}
+
+// ---- Checkpoints
+
+Status VariableStore::VisitState(
+    const Variable& v,
+    const std::function<Status(const Tensor& params, const Optimizer& optimizer, uint64_t version)>&
+        fn) {
+  std::shared_lock lock(v.mu_);
+  return fn(*v.params_, *v.optimizer_, v.version_.load(std::memory_order_relaxed));
+}
+
+Status VariableStore::RestoreState(
+    Variable& v, uint64_t version,
+    const std::function<Status(Tensor& params, Optimizer& optimizer)>& fn) {
+  std::unique_lock lock(v.mu_);
+  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_);
+  if (t.swap) {
+    CopyElements(t.in, t.out, 0, v.num_elements());
+    std::swap(v.params_, v.spare_);
+  }
+  Status s = fn(*v.params_, *v.optimizer_);
+  v.learning_rate_.store(v.optimizer_->learning_rate(), std::memory_order_relaxed);
+  if (s.ok()) v.version_.store(version, std::memory_order_release);
+  return s;
+}
+
+}  // namespace distval::ps
