@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -30,11 +31,17 @@ inline constexpr uint32_t kProtocolVersion = 1;
 
 // Staleness values (job default and per-variable override).
 inline constexpr int32_t kStalenessAsync = -1;
-inline constexpr int32_t kStalenessInherit = -2;  // per-variable: use the job's
+inline constexpr int32_t kStalenessInherit = -2;    // per-variable: use the job's
 inline constexpr int32_t kStalenessDontCheck = -3;  // hello: don't compare
 
+// How the elements of a payload frame are encoded. kF16 / kBF16 are only
+// valid for f32 tensors (lossy compression; see distval/encoding.h).
 enum class Encoding : uint8_t { kRaw = 0, kF16 = 1, kBF16 = 2 };
-// Bytes per element of `dtype` values sent with `encoding` (f16/bf16: 2).
+inline constexpr int kNumEncodings = 3;
+// "raw", "f16", "bf16" ("invalid" for values out of range).
+std::string_view EncodingName(Encoding encoding);
+// Bytes per element of `dtype` values sent with `encoding`: DTypeSize(dtype)
+// for kRaw, 2 for kF16 / kBF16. Does not check that the pair is allowed.
 size_t EncodedElementSize(DType dtype, Encoding encoding);
 
 struct TensorRef {
@@ -43,8 +50,13 @@ struct TensorRef {
   Encoding encoding = Encoding::kRaw;
   std::vector<int64_t> shape;
 
+  // Product of the dimensions (1 for a scalar); -1 when a dimension is
+  // negative or the product overflows int64 (never for a decoded ref).
   int64_t num_elements() const;
-  size_t num_bytes() const;  // num_elements * EncodedElementSize
+  // num_elements() * EncodedElementSize(dtype, encoding): the byte size of
+  // the payload frame. SIZE_MAX when num_elements() is -1 or the product
+  // overflows (never for a decoded ref).
+  size_t num_bytes() const;
   friend bool operator==(const TensorRef&, const TensorRef&) = default;
 };
 
@@ -271,21 +283,42 @@ struct DecodeLimits {
   size_t max_rank = 8;
 };
 
-// Encodes frame 0. Never fails for a well-formed value.
+// Encodes frame 0: a single-segment Cap'n Proto message in the flat
+// (unpacked) stream format, sized so that it needs no second segment. The
+// encoder does not validate: it writes what it is given (so tests can build
+// bad messages); DecodeRequest / DecodeReply are the checks. Reply.message is
+// cut to DecodeLimits{}.max_text_bytes (at a UTF-8 boundary, ending in "...")
+// so that a long error message still reaches the peer. Never fails; throws
+// only std::bad_alloc.
 std::vector<std::byte> EncodeRequest(const Request& request);
 std::vector<std::byte> EncodeReply(const Reply& reply);
 
-// Decodes frame 0 of a request. `payload_sizes[i]` is the byte size of frame
-// i + 1 as received. InvalidArgument (naming the field) for malformed bytes,
-// a limit exceeded, a TensorRef whose frame is out of range, used twice or
-// whose size does not match its shape and encoding, negative dimensions, an
-// unknown enum value, or payload frames that no TensorRef uses.
+// Decodes frame 0 of a request (DecodeReply: of a reply). `header` may have any alignment (it is
+// copied into an aligned buffer when it is not 8-byte aligned) and must hold exactly one message
+// (no trailing bytes). `payload_sizes[i]` is the byte size of frame i + 1 as received.
+// InvalidArgument, with a message that names the field (e.g. "push.updates[2].values: frame 3 has
+// 400 bytes, shape [10,20] f32 needs 800"), for:
+//  - malformed or truncated bytes, the traversal or nesting limit exceeded;
+//  - a list longer than max_list_entries, a text longer than max_text_bytes,
+//    a shape of rank > max_rank, a negative dimension, an element or byte
+//    count that overflows int64;
+//  - an enum value or union member this version does not know;
+//  - a TensorRef whose frame is 0, beyond payload_sizes.size() or already
+//    used by another TensorRef, whose frame size differs from
+//    num_elements x EncodedElementSize, or with an f16/bf16 encoding on a
+//    non-f32 dtype; payload frames that no TensorRef uses;
+//  - sparse row indices that are not a rank-1 i64 tensor, or (in an update)
+//    whose count differs from the first dimension of the values;
+//  - a RowRange with begin < 0 or end < begin; in create_variable, rows
+//    outside the variable's axis 0, or initial values whose dtype differs
+//    from the spec or whose element count differs from the rows' elements.
+// Checks against a variable's stored spec are the handler's job.
+// Reply.code values that are not canonical codes decode as kUnknown.
 StatusOr<Request> DecodeRequest(std::span<const std::byte> header,
                                 std::span<const size_t> payload_sizes,
                                 const DecodeLimits& limits = {});
 StatusOr<Reply> DecodeReply(std::span<const std::byte> header,
-                            std::span<const size_t> payload_sizes,
-                            const DecodeLimits& limits = {});
+                            std::span<const size_t> payload_sizes, const DecodeLimits& limits = {});
 
 }  // namespace distval::protocol
 
