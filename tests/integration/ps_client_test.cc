@@ -302,10 +302,14 @@ TEST(PsClientTest, PartitionedVariableLivesWhereThePartitionerSaysAndReassembles
   EXPECT_EQ(range[0], static_cast<float>(4 * kCols));
   EXPECT_EQ(range.back(), static_cast<float>(9 * kCols - 1));
 
-  // A sparse push changes only the listed rows.
+  // A sparse push changes only the listed rows. The job is BSP: the
+  // gradient is applied when the worker finishes its step (clock).
   std::vector<float> g(2 * kCols, 1.f);
   std::vector<int64_t> touched = {1, 11};
   ASSERT_TRUE(client->PushRows("emb", touched, g).Wait().ok());
+  ASSERT_TRUE(client->Pull({{"emb", pulled}}).Wait().ok());
+  EXPECT_EQ(pulled, init) << "applied before the clock completed";
+  ASSERT_TRUE(client->AdvanceClock().ok());
   ASSERT_TRUE(client->Pull({{"emb", pulled}}).Wait().ok());
   for (int r = 0; r < kRows; ++r) {
     bool hit = r == 1 || r == 11;
