@@ -1,99 +1,107 @@
 #include "distval/encoding.h"
 
 #include <Eigen/Core>
-#include <algorithm>
 #include <cassert>
 #include <cstring>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace distval::protocol {
 namespace {
 
-// Values converted per step of the unaligned path.
-constexpr size_t kBounceValues = 1024;
+// Elements are read and written through memcpy (or unaligned vector
+// loads/stores): payload frames may sit at any offset of a receive buffer.
 
-template <typename T>
-bool IsAligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % alignof(T) == 0;
+float LoadF32(const std::byte* p) {
+  float v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+void StoreF32(std::byte* p, float v) { std::memcpy(p, &v, sizeof(v)); }
+uint16_t LoadU16(const std::byte* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+void StoreU16(std::byte* p, uint16_t v) { std::memcpy(p, &v, sizeof(v)); }
+
+// bfloat16 with round to nearest even; NaN stays NaN (quiet, sign kept).
+uint16_t ToBFloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+float FromBFloat16(uint16_t bits) {
+  const uint32_t wide = uint32_t{bits} << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
 }
 
-// f32 -> Half (Eigen::half or Eigen::bfloat16) over aligned arrays.
-template <typename Half>
-void Narrow(const float* in, Half* out, size_t n) {
-  Eigen::Map<const Eigen::ArrayXf> src(in, static_cast<Eigen::Index>(n));
-  Eigen::Map<Eigen::Array<Half, Eigen::Dynamic, 1>> dst(out, static_cast<Eigen::Index>(n));
-  dst = src.template cast<Half>();
+void EncodeF16(const std::byte* in, std::byte* out, size_t n) {
+  size_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(reinterpret_cast<const float*>(in + 4 * i));
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), h);
+  }
+#endif
+  for (; i < n; ++i) StoreU16(out + 2 * i, FloatToHalfBits(LoadF32(in + 4 * i)));
 }
 
-// Half -> f32 over aligned arrays.
-template <typename Half>
-void Widen(const Half* in, float* out, size_t n) {
-  Eigen::Map<const Eigen::Array<Half, Eigen::Dynamic, 1>> src(in, static_cast<Eigen::Index>(n));
-  Eigen::Map<Eigen::ArrayXf> dst(out, static_cast<Eigen::Index>(n));
-  dst = src.template cast<float>();
+void DecodeF16(const std::byte* in, std::byte* out, size_t n) {
+  size_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * i));
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + 4 * i), _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) StoreF32(out + 4 * i, HalfBitsToFloat(LoadU16(in + 2 * i)));
 }
 
-template <typename Half>
-void EncodeAs(std::span<const float> in, std::span<std::byte> out) {
-  if (IsAligned<float>(in.data()) && IsAligned<Half>(out.data())) {
-    Narrow(in.data(), reinterpret_cast<Half*>(out.data()), in.size());
-    return;
-  }
-  alignas(64) float values[kBounceValues];
-  alignas(64) Half halves[kBounceValues];
-  for (size_t i = 0; i < in.size(); i += kBounceValues) {
-    const size_t n = std::min(kBounceValues, in.size() - i);
-    std::memcpy(values, reinterpret_cast<const std::byte*>(in.data()) + i * sizeof(float),
-                n * sizeof(float));
-    Narrow(values, halves, n);
-    std::memcpy(out.data() + i * sizeof(Half), halves, n * sizeof(Half));
-  }
+// Plain loops: the compiler vectorizes them (integer arithmetic only).
+void EncodeBF16(const std::byte* in, std::byte* out, size_t n) {
+  for (size_t i = 0; i < n; ++i) StoreU16(out + 2 * i, ToBFloat16(LoadF32(in + 4 * i)));
 }
-
-template <typename Half>
-void DecodeAs(std::span<const std::byte> in, std::span<float> out) {
-  if (IsAligned<Half>(in.data()) && IsAligned<float>(out.data())) {
-    Widen(reinterpret_cast<const Half*>(in.data()), out.data(), out.size());
-    return;
-  }
-  alignas(64) Half halves[kBounceValues];
-  alignas(64) float values[kBounceValues];
-  for (size_t i = 0; i < out.size(); i += kBounceValues) {
-    const size_t n = std::min(kBounceValues, out.size() - i);
-    std::memcpy(halves, in.data() + i * sizeof(Half), n * sizeof(Half));
-    Widen(halves, values, n);
-    std::memcpy(reinterpret_cast<std::byte*>(out.data()) + i * sizeof(float), values,
-                n * sizeof(float));
-  }
+void DecodeBF16(const std::byte* in, std::byte* out, size_t n) {
+  for (size_t i = 0; i < n; ++i) StoreF32(out + 4 * i, FromBFloat16(LoadU16(in + 2 * i)));
 }
 
 }  // namespace
 
 void EncodeFloats(std::span<const float> in, Encoding encoding, std::span<std::byte> out) {
   assert(out.size() == in.size() * EncodedElementSize(DType::kF32, encoding));
+  const auto* src = reinterpret_cast<const std::byte*>(in.data());
   switch (encoding) {
     case Encoding::kRaw:
-      if (!in.empty()) std::memcpy(out.data(), in.data(), in.size_bytes());
+      if (!in.empty()) std::memcpy(out.data(), src, in.size_bytes());
       return;
     case Encoding::kF16:
-      EncodeAs<Eigen::half>(in, out);
+      EncodeF16(src, out.data(), in.size());
       return;
     case Encoding::kBF16:
-      EncodeAs<Eigen::bfloat16>(in, out);
+      EncodeBF16(src, out.data(), in.size());
       return;
   }
 }
 
 void DecodeFloats(std::span<const std::byte> in, Encoding encoding, std::span<float> out) {
   assert(in.size() == out.size() * EncodedElementSize(DType::kF32, encoding));
+  auto* dst = reinterpret_cast<std::byte*>(out.data());
   switch (encoding) {
     case Encoding::kRaw:
-      if (!out.empty()) std::memcpy(out.data(), in.data(), out.size_bytes());
+      if (!out.empty()) std::memcpy(dst, in.data(), out.size_bytes());
       return;
     case Encoding::kF16:
-      DecodeAs<Eigen::half>(in, out);
+      DecodeF16(in.data(), dst, out.size());
       return;
     case Encoding::kBF16:
-      DecodeAs<Eigen::bfloat16>(in, out);
+      DecodeBF16(in.data(), dst, out.size());
       return;
   }
 }
@@ -104,11 +112,7 @@ uint16_t FloatToHalfBits(float value) {
 float HalfBitsToFloat(uint16_t bits) {
   return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(bits));
 }
-uint16_t FloatToBFloat16Bits(float value) {
-  return Eigen::numext::bit_cast<uint16_t>(Eigen::bfloat16(value));
-}
-float BFloat16BitsToFloat(uint16_t bits) {
-  return static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(bits));
-}
+uint16_t FloatToBFloat16Bits(float value) { return ToBFloat16(value); }
+float BFloat16BitsToFloat(uint16_t bits) { return FromBFloat16(bits); }
 
 }  // namespace distval::protocol

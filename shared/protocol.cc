@@ -22,6 +22,33 @@
 namespace distval::protocol {
 namespace {
 
+// The C++ enums mirror the schema's numbering; casts between them rely on it.
+template <typename A, typename B>
+constexpr bool SameValue(A a, B b) {
+  return static_cast<int>(a) == static_cast<int>(b);
+}
+static_assert(SameValue(wire::DType::F32, DType::kF32) &&
+              SameValue(wire::DType::F16, DType::kF16) &&
+              SameValue(wire::DType::BF16, DType::kBF16) &&
+              SameValue(wire::DType::F64, DType::kF64) &&
+              SameValue(wire::DType::I32, DType::kI32) && SameValue(wire::DType::I64, DType::kI64));
+static_assert(SameValue(wire::Encoding::RAW, Encoding::kRaw) &&
+              SameValue(wire::Encoding::F16, Encoding::kF16) &&
+              SameValue(wire::Encoding::BF16, Encoding::kBF16));
+static_assert(SameValue(wire::OptimizerKind::SGD, OptimizerKind::kSgd) &&
+              SameValue(wire::OptimizerKind::MOMENTUM, OptimizerKind::kMomentum) &&
+              SameValue(wire::OptimizerKind::ADAGRAD, OptimizerKind::kAdagrad) &&
+              SameValue(wire::OptimizerKind::ADAM, OptimizerKind::kAdam) &&
+              SameValue(wire::OptimizerKind::ADAMW, OptimizerKind::kAdamW));
+static_assert(SameValue(wire::Aggregation::MEAN, Aggregation::kMean) &&
+              SameValue(wire::Aggregation::SUM, Aggregation::kSum));
+static_assert(SameValue(wire::Hello::Role::WORKER, Role::kWorker) &&
+              SameValue(wire::Hello::Role::CONTROL, Role::kControl));
+// Number of values of each enum this version knows.
+constexpr int kNumOptimizerKinds = 5;
+constexpr int kNumAggregations = 2;
+constexpr int kNumRoles = 2;
+
 template <typename... Fs>
 struct Overloaded : Fs... {
   using Fs::operator()...;
@@ -540,8 +567,6 @@ class Decoder {
     return OkStatus();
   }
 
-  const DecodeLimits& limits() const { return limits_; }
-
  private:
   // Marks payload frame `i` (0-based) used; true if it already was.
   bool TestAndSetUsed(size_t i) {
@@ -612,7 +637,7 @@ Status DecodeSpec(Decoder& d, wire::VariableSpec::Reader in, const Path& path, V
   auto opt = in.getOptimizer();
   OptimizerSpec& o = out->optimizer;
   const Path kind_path = opt_path.Field("kind");
-  DV_RETURN_IF_ERROR(d.Enum(opt.getKind(), 5, kind_path, &o.kind));
+  DV_RETURN_IF_ERROR(d.Enum(opt.getKind(), kNumOptimizerKinds, kind_path, &o.kind));
   o.learning_rate = opt.getLearningRate();
   o.momentum = opt.getMomentum();
   o.nesterov = opt.getNesterov();
@@ -622,7 +647,7 @@ Status DecodeSpec(Decoder& d, wire::VariableSpec::Reader in, const Path& path, V
   o.weight_decay = opt.getWeightDecay();
   o.initial_accumulator = opt.getInitialAccumulator();
   const Path agg_path = path.Field("aggregation");
-  DV_RETURN_IF_ERROR(d.Enum(in.getAggregation(), 2, agg_path, &out->aggregation));
+  DV_RETURN_IF_ERROR(d.Enum(in.getAggregation(), kNumAggregations, agg_path, &out->aggregation));
   out->staleness = in.getStaleness();
   return OkStatus();
 }
@@ -713,7 +738,7 @@ Status DecodeRequestRoot(Decoder& d, wire::Request::Reader in, Request* out) {
       Hello b;
       b.protocol_version = h.getProtocolVersion();
       const Path role_path = path.Field("role");
-      DV_RETURN_IF_ERROR(d.Enum(h.getRole(), 2, role_path, &b.role));
+      DV_RETURN_IF_ERROR(d.Enum(h.getRole(), kNumRoles, role_path, &b.role));
       b.worker_index = h.getWorkerIndex();
       b.num_workers = h.getNumWorkers();
       b.num_shards = h.getNumShards();
@@ -965,8 +990,8 @@ size_t TensorRef::num_bytes() const {
 }
 
 namespace {
-constexpr std::array<std::string_view, 5> kOptimizerNames = {"sgd", "momentum", "adagrad", "adam",
-                                                             "adamw"};
+constexpr std::array<std::string_view, kNumOptimizerKinds> kOptimizerNames = {
+    "sgd", "momentum", "adagrad", "adam", "adamw"};
 constexpr std::array<std::string_view, std::variant_size_v<RequestBody>> kRequestNames = {
     "hello",   "heartbeat", "create_variable",   "push",       "pull",  "advance_clock",
     "barrier", "set_mode",  "set_learning_rate", "checkpoint", "stats", "shutdown"};

@@ -4,10 +4,10 @@
 // even; values beyond the f16 range become +-inf; inf and NaN stay inf and
 // NaN (NaN payloads are not preserved). Decoding into f32 is exact.
 //
-// The conversions are vectorized (Eigen packet casts: F16C / AVX-512 where
-// the build targets them). Spans may have any alignment (payload frames can
-// sit at any offset in a receive buffer); unaligned spans take a slower,
-// bounce-buffered path.
+// The conversions are vectorized (F16C conversion instructions for f16
+// where the build targets them, compiler-vectorized integer code for
+// bf16). Spans may have any alignment: payload frames can sit at any offset
+// of a receive buffer, so elements are accessed with unaligned loads.
 //
 // Thread-safety: pure functions. The caller owns every span.
 #ifndef DISTVAL_ENCODING_H_

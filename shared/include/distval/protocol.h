@@ -288,8 +288,8 @@ struct DecodeLimits {
 // encoder does not validate: it writes what it is given (so tests can build
 // bad messages); DecodeRequest / DecodeReply are the checks. Reply.message is
 // cut to DecodeLimits{}.max_text_bytes (at a UTF-8 boundary, ending in "...")
-// so that a long error message still reaches the peer. Never fails; throws
-// only std::bad_alloc.
+// so that a long error message still reaches the peer. Never fails for lists
+// below Cap'n Proto's 2^29 entries; throws only std::bad_alloc.
 std::vector<std::byte> EncodeRequest(const Request& request);
 std::vector<std::byte> EncodeReply(const Reply& reply);
 
