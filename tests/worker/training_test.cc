@@ -3,6 +3,7 @@
 // training examples must beat chance by far on the 10000 test examples.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 
