@@ -36,6 +36,7 @@ struct RequestHandle::State {
   bool abandoned = false;        // the waiter gave up: never touch its buffers; Guarded by mu.
   std::set<int> pending_shards;  // Guarded by mu.
   std::vector<std::string> shard_names;  // for messages; set before submission
+  std::chrono::milliseconds default_timeout{120000};  // ClientOptions::request_timeout
 
   void Fail(const Status& s) {  // REQUIRES: mu held
     if (status.ok()) status = s;
@@ -46,7 +47,8 @@ struct RequestHandle::State {
 Status RequestHandle::Wait(std::optional<std::chrono::milliseconds> timeout) {
   if (!state_) return OkStatus();
   std::unique_lock<std::mutex> lock(state_->mu);
-  auto deadline = Clock::now() + timeout.value_or(std::chrono::milliseconds(120000));
+  const auto limit = timeout.value_or(state_->default_timeout);
+  auto deadline = Clock::now() + limit;
   if (!state_->cv.wait_until(lock, deadline, [&] { return state_->DoneLocked(); })) {
     if (state_->outstanding_replies > 0) {
       state_->abandoned = true;
@@ -58,8 +60,7 @@ Status RequestHandle::Wait(std::optional<std::chrono::milliseconds> timeout) {
           who += " (" + state_->shard_names[s] + ")";
       }
       state_->Fail(DeadlineExceededError(
-          "no reply from " + who + " after " +
-          std::to_string(timeout.value_or(std::chrono::milliseconds(120000)).count()) + " ms"));
+          "no reply from " + who + " after " + std::to_string(limit.count()) + " ms"));
     } else {
       state_->Fail(DeadlineExceededError("ZeroMQ did not release the pushed buffer in time"));
     }
@@ -127,6 +128,7 @@ class Client::Impl {
   std::shared_ptr<RequestHandle::State> NewState() {
     auto s = std::make_shared<RequestHandle::State>();
     s->shard_names = options_.ps_endpoints;
+    s->default_timeout = options_.request_timeout;
     return s;
   }
   uint64_t NextId() { return next_id_.fetch_add(1); }

@@ -34,6 +34,11 @@ StatusOr<LogLevel> ParseLogLevel(std::string_view text);
 bool LogEnabled(LogLevel level);
 
 namespace internal {
+// Turns the streamed expression into void for the ?: in DV_LOG.
+struct LogVoidify {
+  void operator&(std::ostream&) {}
+};
+
 class LogMessage {
  public:
   LogMessage(LogLevel level, const char* file, int line);
@@ -50,9 +55,11 @@ class LogMessage {
 
 }  // namespace distval
 
-#define DV_LOG(level)                                                  \
-  if (!::distval::LogEnabled(::distval::LogLevel::level)) {            \
-  } else                                                               \
-    ::distval::internal::LogMessage(::distval::LogLevel::level, __FILE__, __LINE__).stream()
+// Safe inside an unbraced if/else; the message is only built when enabled.
+#define DV_LOG(level)                                      \
+  !::distval::LogEnabled(::distval::LogLevel::level)       \
+      ? (void)0                                            \
+      : ::distval::internal::LogVoidify() &                \
+            ::distval::internal::LogMessage(::distval::LogLevel::level, __FILE__, __LINE__).stream()
 
 #endif  // DISTVAL_LOGGING_H_
