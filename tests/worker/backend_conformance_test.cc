@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "backend_test_util.h"
@@ -330,6 +332,219 @@ TEST_P(BackendTest, SynchronizeSucceedsAfterWork) {
   DeviceBuffer x = Zeros(100);
   ASSERT_TRUE(be().Fill(x, 1.0f).ok());
   EXPECT_TRUE(be().Synchronize().ok());
+}
+
+// Copies larger than an asynchronous backend's staging chunks (CUDA: 4 MiB,
+// double-buffered), at odd offsets and sizes. The host source is
+// overwritten as soon as CopyToDevice returns: the contract says it may be.
+TEST_P(BackendTest, LargeCopiesRoundTripAndReleaseTheHostSourceOnReturn) {
+  const int64_t n = 2'621'447;  // ~10 MiB of floats: 3 chunks of 4 MiB
+  std::vector<float> host = RandomVector(static_cast<size_t>(n), 51);
+  const std::vector<float> first = host;
+  DeviceBuffer a = Zeros(n + 5), b = Zeros(n + 5);
+  ASSERT_TRUE(be().CopyToDevice(host.data(), a, n, /*dst_offset=*/3).ok());
+  for (float& v : host) v = -v;  // reuse the source at once
+  ASSERT_TRUE(be().CopyToDevice(host.data(), b, n, /*dst_offset=*/0).ok());
+  host.assign(host.size(), 7.0f);
+
+  std::vector<float> back(static_cast<size_t>(n));
+  ASSERT_TRUE(be().CopyToHost(a, back.data(), n, /*src_offset=*/3).ok());
+  ASSERT_EQ(back, first);
+  ASSERT_TRUE(be().CopyToHost(b, back.data(), n).ok());
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(back[i], -first[i]) << i;
+  // The untouched ends stay zero.
+  const auto a_all = Download(a);
+  EXPECT_EQ(a_all[0], 0.0f);
+  EXPECT_EQ(a_all[2], 0.0f);
+  EXPECT_EQ(a_all[static_cast<size_t>(n) + 3], 0.0f);
+  EXPECT_EQ(a_all[static_cast<size_t>(n) + 4], 0.0f);
+}
+
+TEST_P(BackendTest, GemmWithKZeroAndBetaZeroWritesZerosAndKeepsPadding) {
+  DeviceBuffer a = Zeros(1), b = Zeros(1);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  DeviceBuffer c = Upload({nan, nan, 9.0f, nan, nan, 9.0f});  // 2 x 2, ldc 3
+  ASSERT_TRUE(be().Gemm(false, false, 2, 2, 0, 1.0f, a, 1, b, 2, 0.0f, c, 3).ok());
+  EXPECT_EQ(Download(c), (std::vector<float>{0, 0, 9, 0, 0, 9}));
+}
+
+// Shapes of the reference MLP (784-256-128-10) at batch 64, every transpose
+// combination a Dense layer uses, against the double reference.
+TEST_P(BackendTest, GemmAtMlpShapesMatchesReference) {
+  struct Case {
+    bool ta, tb;
+    int m, n, k;
+  };
+  const Case cases[] = {
+      {false, false, 64, 256, 784},  // forward: x [64,784] * W [784,256]
+      {true, false, 784, 256, 64},   // kernel grad: x^T * dy
+      {false, true, 64, 784, 256},   // input grad: dy * W^T
+      {true, true, 10, 128, 64},
+  };
+  uint32_t seed = 60;
+  for (const Case& t : cases) {
+    const int lda = t.ta ? t.m : t.k, ldb = t.tb ? t.k : t.n;
+    const auto a = RandomVector(static_cast<size_t>(t.m) * t.k, ++seed);
+    const auto b = RandomVector(static_cast<size_t>(t.k) * t.n, ++seed);
+    std::vector<float> ref(static_cast<size_t>(t.m) * t.n, 0.0f);
+    DeviceBuffer da = Upload(a), db = Upload(b), dc = Zeros(t.m * t.n);
+    ASSERT_TRUE(be().Gemm(t.ta, t.tb, t.m, t.n, t.k, 1.0f, da, lda, db, ldb, 0.0f, dc, t.n).ok());
+    ReferenceGemm(t.ta, t.tb, t.m, t.n, t.k, 1.0f, a, lda, b, ldb, 0.0f, ref, t.n);
+    const auto got = Download(dc);
+    for (size_t i = 0; i < ref.size(); ++i)
+      ASSERT_NEAR(got[i], ref[i], 5e-4f) << "ta " << t.ta << " tb " << t.tb << " element " << i;
+  }
+}
+
+// Many rows (several row slices in chunked implementations) and more
+// columns than one block of 32.
+TEST_P(BackendTest, BiasGradOverManyRowsAndColumns) {
+  const int rows = 5000, cols = 70;
+  const auto dy = RandomVector(static_cast<size_t>(rows) * cols, 71);
+  DeviceBuffer ddy = Upload(dy), grad = Zeros(cols);
+  ASSERT_TRUE(be().BiasGrad(ddy, rows, cols, grad).ok());
+  const auto got = Download(grad);
+  for (int c = 0; c < cols; ++c) {
+    double ref = 0.0;
+    for (int r = 0; r < rows; ++r) ref += dy[static_cast<size_t>(r) * cols + c];
+    ASSERT_NEAR(got[c], ref, 1e-3) << "column " << c;
+  }
+  // Deterministic: the same input gives bitwise the same sums.
+  DeviceBuffer again = Zeros(cols);
+  ASSERT_TRUE(be().BiasGrad(ddy, rows, cols, again).ok());
+  EXPECT_EQ(Download(again), got);
+}
+
+// Wider than a warp (1000 classes) and more rows than one block handles.
+TEST_P(BackendTest, SoftmaxCrossEntropyOverManyClassesIsDeterministic) {
+  const int batch = 37, classes = 1000;
+  const auto logits = RandomVector(static_cast<size_t>(batch) * classes, 81, -5.0f, 5.0f);
+  std::vector<int32_t> labels(batch);
+  for (int r = 0; r < batch; ++r) labels[r] = (r * 131) % classes;
+  DeviceBuffer dl = Upload(logits), dlab = UploadLabels(labels);
+  DeviceBuffer probs = Zeros(batch * classes), loss = Zeros(1);
+  ASSERT_TRUE(be().SoftmaxCrossEntropyForward(dl, dlab, batch, classes, probs, loss).ok());
+  double ref_loss = 0.0;
+  const auto p = Download(probs);
+  for (int r = 0; r < batch; ++r) {
+    const float* x = logits.data() + static_cast<size_t>(r) * classes;
+    double mx = x[0], sum = 0.0;
+    for (int c = 1; c < classes; ++c) mx = std::max(mx, double{x[c]});
+    for (int c = 0; c < classes; ++c) sum += std::exp(x[c] - mx);
+    ref_loss += std::log(sum) - (x[labels[r]] - mx);
+    for (int c = 0; c < classes; ++c)
+      ASSERT_NEAR(p[static_cast<size_t>(r) * classes + c], std::exp(x[c] - mx) / sum, 1e-6)
+          << "row " << r << " class " << c;
+  }
+  const float first = Scalar(loss);
+  EXPECT_NEAR(first, ref_loss / batch, 1e-5 * ref_loss / batch);
+  ASSERT_TRUE(be().SoftmaxCrossEntropyForward(dl, dlab, batch, classes, probs, loss).ok());
+  EXPECT_EQ(Scalar(loss), first);
+}
+
+TEST_P(BackendTest, CountCorrectTiesAcrossWideRowsGoToTheLowestIndex) {
+  const int classes = 100;
+  std::vector<float> logits(3 * classes, 0.0f);
+  // Row 0: maximum at 40 and 7 (different lanes of a warp-wide argmax).
+  logits[40] = 2.0f;
+  logits[7] = 2.0f;
+  // Row 1: maximum at 35 and 3 (the same lane of a 32-wide stride).
+  logits[classes + 35] = 1.0f;
+  logits[classes + 3] = 1.0f;
+  // Row 2: single maximum at 99.
+  logits[2 * classes + 99] = 0.5f;
+  DeviceBuffer dl = Upload(logits), correct = Zeros(1);
+  DeviceBuffer right = UploadLabels({7, 3, 99}), wrong = UploadLabels({40, 35, 98});
+  ASSERT_TRUE(be().CountCorrect(dl, right, 3, classes, correct).ok());
+  EXPECT_EQ(Scalar(correct), 3.0f);
+  ASSERT_TRUE(be().CountCorrect(dl, wrong, 3, classes, correct).ok());
+  EXPECT_EQ(Scalar(correct), 0.0f);
+}
+
+// More inputs than one kernel launch of a GPU backend takes (32), with the
+// output aliasing an input that is read by the last launch.
+TEST_P(BackendTest, ReduceSumOfManyInputs) {
+  const int count = 70;
+  const int64_t n = 1000;
+  std::vector<std::vector<float>> host;
+  std::vector<DeviceBuffer> bufs;
+  for (int j = 0; j < count; ++j) {
+    host.push_back(RandomVector(n, 100 + j));
+    bufs.push_back(Upload(host.back()));
+  }
+  std::vector<const DeviceBuffer*> inputs;
+  for (const DeviceBuffer& b : bufs) inputs.push_back(&b);
+  std::vector<float> expect(n);
+  for (int64_t i = 0; i < n; ++i) {
+    float sum = 0.0f;
+    for (int j = 0; j < count; ++j) sum += host[j][i];
+    expect[i] = sum * 0.25f;
+  }
+  DeviceBuffer out = Zeros(n);
+  ASSERT_TRUE(be().ReduceSum(inputs, 0.25f, out, n).ok());
+  auto got = Download(out);
+  for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(got[i], expect[i], 1e-5f) << i;
+  ASSERT_TRUE(be().ReduceSum(inputs, 0.25f, bufs[5], n).ok());
+  got = Download(bufs[5]);
+  for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(got[i], expect[i], 1e-5f) << i;
+}
+
+// A buffer may outlive the backend that allocated it; another backend of
+// the same device reads it.
+TEST_P(BackendTest, BuffersOutliveTheirBackend) {
+  DeviceBuffer kept;
+  {
+    auto other = CreateBackend(GetParam());
+    ASSERT_TRUE(other.ok()) << other.status();
+    auto buf = (*other)->Allocate(4);
+    ASSERT_TRUE(buf.ok());
+    const std::vector<float> v = {1, 2, 3, 4};
+    ASSERT_TRUE((*other)->CopyToDevice(v.data(), *buf, 4).ok());
+    ASSERT_TRUE((*other)->Synchronize().ok());
+    kept = std::move(*buf);
+  }
+  EXPECT_EQ(Download(kept), (std::vector<float>{1, 2, 3, 4}));
+  kept.Reset();
+  EXPECT_TRUE(be().Synchronize().ok());
+}
+
+// Backends of the same device used from several threads at once (each
+// thread its own backend), as replica threads do.
+TEST_P(BackendTest, SeparateBackendsWorkConcurrentlyFromThreads) {
+  constexpr int kThreads = 3;
+  std::vector<std::thread> threads;
+  std::vector<std::vector<float>> results(kThreads);
+  std::vector<std::string> errors(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      SetFlushDenormalsToZero();
+      auto backend = CreateBackend(GetParam());
+      if (!backend.ok()) {
+        errors[t] = backend.status().ToString();
+        return;
+      }
+      Backend& b = **backend;
+      const int m = 32, n = 16, k = 24;
+      std::vector<float> a(m * k, 1.0f + t), bb(k * n, 0.5f);
+      auto da = b.Allocate(m * k), db = b.Allocate(k * n), dc = b.Allocate(m * n);
+      if (!da.ok() || !db.ok() || !dc.ok()) {
+        errors[t] = "allocation failed";
+        return;
+      }
+      Status s = b.CopyToDevice(a.data(), *da, m * k);
+      if (s.ok()) s = b.CopyToDevice(bb.data(), *db, k * n);
+      for (int rep = 0; s.ok() && rep < 20; ++rep)
+        s = b.Gemm(false, false, m, n, k, 1.0f, *da, k, *db, n, 0.0f, *dc, n);
+      results[t].resize(m * n);
+      if (s.ok()) s = b.CopyToHost(*dc, results[t].data(), m * n);
+      if (!s.ok()) errors[t] = s.ToString();
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_EQ(errors[t], "") << "thread " << t;
+    for (float v : results[t]) ASSERT_EQ(v, 24 * 0.5f * (1.0f + t)) << "thread " << t;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllBackends, BackendTest,

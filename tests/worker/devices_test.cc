@@ -94,5 +94,42 @@ TEST(DevicesTest, CreateBackend) {
   }
 }
 
+// On a machine without a usable GPU (this one in CI), asking for cuda:0
+// fails early and says what exists, whether or not CUDA was built in.
+TEST(DevicesTest, WithoutAGpuCudaDevicesAreRejectedClearly) {
+  const DeviceInventory inv = ProbeDevices();
+  if (inv.num_cuda_devices > 0) GTEST_SKIP() << "this machine has a GPU";
+  auto r = ParseDevices("cuda:0", inv);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(r.status(), "device \"cuda:0\" does not exist; available: cpu:0"))
+      << r.status();
+  const std::string& msg = r.status().message();
+  EXPECT_EQ(msg.find("cuda", msg.find("available:")), std::string::npos) << msg;  // none listed
+
+  auto gpu = CreateBackend({DeviceKind::kCuda, 0});
+  ASSERT_FALSE(gpu.ok());
+#if DISTVAL_TEST_CUDA_BUILT
+  EXPECT_EQ(gpu.status().code(), StatusCode::kInvalidArgument) << gpu.status();
+  EXPECT_EQ(gpu.status().message(),
+            "device \"cuda:0\" does not exist; this machine shows 0 CUDA device(s)");
+#else
+  EXPECT_EQ(gpu.status().code(), StatusCode::kFailedPrecondition) << gpu.status();
+  EXPECT_TRUE(Contains(gpu.status(), "device cuda:0: this distval was built without CUDA"))
+      << gpu.status();
+#endif
+  // Asking again gives the same answer (the probe is cached, nothing breaks).
+  EXPECT_EQ(ProbeDevices().num_cuda_devices, 0);
+  EXPECT_EQ(CreateBackend({DeviceKind::kCuda, 1}).status().code(), gpu.status().code());
+}
+
+TEST(DevicesTest, CudaIndicesBeyondTheGpusPresentAreRejected) {
+  const int gpus = ProbeDevices().num_cuda_devices;
+  auto r = CreateBackend({DeviceKind::kCuda, gpus});
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(Contains(r.status(), "cuda:" + std::to_string(gpus))) << r.status();
+  EXPECT_EQ(CreateBackend({DeviceKind::kCuda, -1}).status().code(), StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace distval
