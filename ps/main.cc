@@ -78,7 +78,9 @@ int main(int argc, char** argv) {
   app.add_option("--cluster", cluster_file,
                  "JSON cluster file (TF_CONFIG format); gives the shard endpoints and counts");
   app.add_flag("--tf-config", use_tf_config,
-               "take the cluster and this task from the TF_CONFIG environment variable");
+               "take the cluster and this task from the TF_CONFIG environment variable (also "
+               "the default when TF_CONFIG is set and no --cluster/--shard-index/--num-shards "
+               "is given)");
   app.add_option("--log-level", log_level, "debug, info, warning or error")
       ->capture_default_str();
   app.add_option("--log-format", log_format, "text or json")->capture_default_str();
@@ -103,7 +105,9 @@ int main(int argc, char** argv) {
       return 2;
     }
     cluster = *c;
-  } else if (use_tf_config) {
+  } else if (use_tf_config ||
+             (std::getenv("TF_CONFIG") != nullptr && !app.count("--shard-index") &&
+              !app.count("--num-shards"))) {
     const char* tf = std::getenv("TF_CONFIG");
     if (tf == nullptr) {
       std::cerr << "distval-ps: --tf-config given but TF_CONFIG is not set\n";
