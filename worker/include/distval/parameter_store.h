@@ -1,0 +1,81 @@
+// ParameterStore: where a ParameterServerStrategy's variables live.
+//
+// The strategy only needs four things from the other side: create a
+// variable, pull every variable once per step, push one gradient per step
+// (advancing this worker's clock), and the clocks for staleness. Two
+// implementations:
+//
+//   NewRemoteParameterStore(client)  the parameter servers (distval-ps),
+//                                    through a connected Client; the normal
+//                                    case (ParameterServerStrategy::Create
+//                                    makes one from WorkerOptions).
+//   NewLocalParameterStore()         (distval/local_parameter_store.h) the
+//                                    variables and the servers' optimizer
+//                                    code in this process: the single-process
+//                                    baseline (`distval-worker --local`).
+//
+// Thread-safety: implementations are used by one thread at a time (the
+// strategy serializes its calls).
+#ifndef DISTVAL_PARAMETER_STORE_H_
+#define DISTVAL_PARAMETER_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "distval/client.h"
+#include "distval/status.h"
+#include "distval/tensor.h"
+
+namespace distval {
+
+class ParameterStore {
+ public:
+  virtual ~ParameterStore() = default;
+
+  // Creates `name` (f32, `shape`) with `options` (initializer or initial
+  // values, optimizer, aggregation, staleness, partitioner). Idempotent for
+  // the same spec; AlreadyExists for a different spec under the same name;
+  // InvalidArgument for a bad spec (the optimizer's or initializer's
+  // message); transport errors from the servers.
+  virtual Status CreateVariable(const std::string& name, const Shape& shape,
+                                const VariableOptions& options) = 0;
+
+  // Pulls the current value of every named variable (all created before).
+  // On OK, (*out)[i] describes variables[i]: slices sorted by row, covering
+  // every row, each a view that stays valid while `*out` keeps it (the slice
+  // owners) and at least until the next Push. Blocks as the consistency
+  // model requires (BSP/SSP pulls wait for slower workers). Errors: NotFound
+  // for an unknown variable, the servers' errors.
+  virtual Status Pull(const std::vector<std::string>& variables,
+                      std::vector<PulledVariable>* out) = 0;
+
+  // Pushes one gradient per listed variable (whole-variable, f32, the
+  // variable's element count) and advances this worker's clock by one.
+  // Returns once the servers acknowledged the push and the gradient buffers
+  // may be reused. Errors: InvalidArgument (sizes), NotFound, the servers'.
+  virtual Status Push(std::span<const PushSource> gradients) = 0;
+
+  // Steps this worker has completed (pushes with a clock advance).
+  virtual int64_t clock() const = 0;
+  // The smallest live worker clock the servers reported on their latest
+  // replies (this worker's own clock for a local store).
+  virtual int64_t min_clock() const = 0;
+
+  // The connected client of a remote store (for Stats, SetLearningRate,
+  // ...); null for other stores. Borrowed.
+  virtual Client* client() { return nullptr; }
+
+  // "parameter servers tcp://...,tcp://..." or "local (in-process)".
+  virtual std::string Describe() const = 0;
+};
+
+// A store backed by the parameter servers `client` is connected to. Takes
+// ownership of the client.
+std::unique_ptr<ParameterStore> NewRemoteParameterStore(std::unique_ptr<Client> client);
+
+}  // namespace distval
+
+#endif  // DISTVAL_PARAMETER_STORE_H_
