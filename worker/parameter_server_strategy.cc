@@ -568,6 +568,9 @@ Status ReplicaContext::Collective(const void* mine, const internal::MergeFunctio
 }
 
 Status ReplicaContext::ApplyGradients() {
+  // Asynchronous backends (CUDA) may still be writing this replica's
+  // gradients; replica 0 reads them all once everyone is in.
+  DV_RETURN_IF_ERROR(backend_->Synchronize());
   ParameterServerStrategy* s = strategy_;
   internal::MergeFunction merge =
       [s](std::span<const void* const>) -> StatusOr<std::shared_ptr<const void>> {
@@ -579,6 +582,7 @@ Status ReplicaContext::ApplyGradients() {
 }
 
 Status ReplicaContext::ApplyGradients(std::span<MirroredVariable* const> variables) {
+  DV_RETURN_IF_ERROR(backend_->Synchronize());
   ParameterServerStrategy* s = strategy_;
   internal::MergeFunction merge =
       [s, variables](std::span<const void* const>) -> StatusOr<std::shared_ptr<const void>> {

@@ -251,6 +251,43 @@ TEST_F(WorkerTest, AWorkerExpectingAnotherStalenessIsRefused) {
   EXPECT_NE(r.output.find("staleness mismatch"), std::string::npos) << r.output;
 }
 
+TEST_F(WorkerTest, TheClusterComesFromTfConfigOrAClusterFile) {
+  if (!HaveData()) GTEST_SKIP() << "Fashion-MNIST not installed";
+  LocalClusterOptions co;
+  co.num_shards = 1;
+  co.num_workers = 1;
+  auto cluster = LocalCluster::Start(co);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const std::string endpoint = cluster->endpoints()[0];  // tcp://127.0.0.1:PORT
+  const std::string host_port = endpoint.substr(std::string("tcp://").size());
+  const std::string cluster_json =
+      R"({"cluster": {"ps": [")" + host_port + R"("], "worker": ["127.0.0.1:0"]})";
+  const std::vector<std::string> common = {bin_, "--train-limit", "640", "--global-batch", "64"};
+
+  auto args = common;
+  args.push_back("--tf-config");
+  auto p = ChildProcess::Start(
+      args, Path("tf.log"),
+      {{"TF_CONFIG", cluster_json + R"(, "task": {"type": "worker", "index": 0}})"}});
+  ASSERT_TRUE(p.ok());
+  ProcessResult r = p->Wait(kTimeoutS);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("role=worker index=0 num_workers=1 ps=" + endpoint), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("done: 10 steps"), std::string::npos) << r.output;
+
+  {
+    std::ofstream f(Path("cluster.json"));
+    f << cluster_json << "}";
+  }
+  args = common;
+  args.insert(args.end(), {"--cluster", Path("cluster.json"), "--worker-index", "0"});
+  r = testing::RunProcess(args, Path("file.log"), kTimeoutS);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("ps=" + endpoint), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("done: 10 steps"), std::string::npos) << r.output;
+}
+
 // The strategy in this process against a real server: 2 replicas with
 // per-replica batch 16 against 1 replica with 32, BSP, same data order.
 TEST(StrategyOnServersTest, TwoReplicasMatchOneReplicaWithTwiceTheBatch) {
