@@ -346,7 +346,17 @@ Status ParameterServerStrategy::PullIfStale() {
   if (variables_.empty()) return OkStatus();
   if (!mirror_stale_ && mirrored_clock_ == store_->clock()) return OkStatus();
   const auto t0 = Clock::now();
-  Status s = store_->Pull(pull_names_, &pulled_);
+  Status s;
+  if (prefetch_ != nullptr && prefetch_clock_ == store_->clock() &&
+      prefetch_variables_ == pull_names_.size()) {
+    // Started right behind this worker's last push.
+    s = prefetch_done_.Wait();
+    if (s.ok()) pulled_.swap(*prefetch_);
+  } else {
+    s = store_->Pull(pull_names_, &pulled_);
+  }
+  // A failed prefetch's vector may still be written by a late reply: drop it.
+  prefetch_.reset();
   const double wait = Seconds(Clock::now() - t0);
   if (!s.ok()) return s.WithContext("pull at clock " + Num(store_->clock()));
   pending_pull_wait_s_ += wait;
@@ -554,7 +564,22 @@ Status ParameterServerStrategy::PushGradients(std::span<MirroredVariable* const>
   }
   const int64_t clock = store_->clock();
   const auto t0 = Clock::now();
-  Status s = store_->Push(push_sources_);
+  prefetch_.reset();  // from an earlier push of this Run: out of date
+  RequestHandle pushed;
+  Status s = store_->StartPush(push_sources_, &pushed);
+  if (s.ok()) {
+    // The next step's pull goes out right behind the push, before its
+    // acknowledgement: the servers answer it as soon as the consistency
+    // model allows (read-my-writes: it sees this push). The next Run (or
+    // RefreshVariables) waits for it.
+    auto prefetch = std::make_shared<std::vector<PulledVariable>>();
+    if (store_->StartPull(pull_names_, prefetch, &prefetch_done_).ok()) {
+      prefetch_ = std::move(prefetch);
+      prefetch_clock_ = store_->clock();
+      prefetch_variables_ = pull_names_.size();
+    }
+    s = pushed.Wait();
+  }
   push_wait_in_run_ += Seconds(Clock::now() - t0);
   pushed_in_run_ = true;
   return s.WithContext("push of step " + Num(clock));

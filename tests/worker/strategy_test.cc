@@ -333,6 +333,31 @@ TEST(StrategyTest, ApplyGradientsReducesAcrossReplicasAndPushesOncePerStep) {
   EXPECT_NE(refused.message().find("not trainable"), std::string::npos);
 }
 
+TEST(StrategyTest, TheNextRunSeesEveryPushAndEveryNewVariable) {
+  WorkerOptions o = CpuReplicas(2);
+  o.optimizer.kind = protocol::OptimizerKind::kSgd;
+  o.optimizer.learning_rate = 0.5;
+  auto s = Local(o);
+  ASSERT_NE(s, nullptr);
+  auto a = s->CreateVariable("a", Shape{2}, VariableInitializer::Constant(1.0));
+  ASSERT_TRUE(a.ok());
+  // Two pushes in one Run: the values pulled behind the first are stale.
+  ASSERT_TRUE(s->Run([&](ReplicaContext& ctx) -> Status {
+                 DV_RETURN_IF_ERROR(ctx.backend().Fill((*a)->gradient(ctx), 1.0f));
+                 DV_RETURN_IF_ERROR(ctx.ApplyGradients());
+                 return ctx.ApplyGradients();
+               }).ok());
+  EXPECT_EQ(s->clock(), 2);
+  // A variable created after the push is pulled too.
+  auto b = s->CreateVariable("b", Shape{2}, VariableInitializer::Constant(7.0));
+  ASSERT_TRUE(b.ok());
+  ASSERT_TRUE(s->Run([](ReplicaContext&) {}).ok());
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(ReplicaValue(*s, **a, r), (std::vector<float>{0.0f, 0.0f})) << "replica " << r;
+    EXPECT_EQ(ReplicaValue(*s, **b, r), (std::vector<float>{7.0f, 7.0f})) << "replica " << r;
+  }
+}
+
 TEST(StrategyTest, TwoReplicasMatchOneReplicaWithTwiceTheBatch) {
   auto examples = testing::SyntheticExamples(640, 3);
   constexpr int kSteps = 15;

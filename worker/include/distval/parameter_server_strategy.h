@@ -331,6 +331,12 @@ class ParameterServerStrategy {
   std::vector<PulledVariable> pulled_;
   int64_t mirrored_clock_ = -1;
   bool mirror_stale_ = true;
+  // The pull started right behind the last push (the next step's values),
+  // or null. Written on replica 0's thread during a Run, read after it.
+  std::shared_ptr<std::vector<PulledVariable>> prefetch_;
+  RequestHandle prefetch_done_;
+  int64_t prefetch_clock_ = -1;
+  size_t prefetch_variables_ = 0;
 
   // Run state.
   std::mutex run_mu_;                             // one Run (or RunOnReplica) at a time
