@@ -26,6 +26,8 @@
 //   gradients reduced across the local replicas (Backend::ReduceSum on
 //   replica 0's device) -> one push for the worker -> its clock advances.
 //   The servers apply the optimizer; BSP / SSP / async is their setting.
+//   The next step's pull is sent right behind the push (before its
+//   acknowledgement), and the next Run waits for it.
 //
 // Contexts. Code inside a step function runs in REPLICA context; everything
 // else (and the body of ReplicaContext::MergeCall) is CROSS-REPLICA
