@@ -128,7 +128,14 @@ StatusOr<std::unique_ptr<ParameterServerStrategy>> ParameterServerStrategy::Crea
 ParameterServerStrategy::~ParameterServerStrategy() {
   // Models and variables hold device buffers and borrow the backends: drop
   // them first, then the threads, then the backends; the store (and its
-  // connection) last of the rest.
+  // connection) last of the rest. Device work still queued (asynchronous
+  // backends) finishes first, each on its replica's thread.
+  if (pool_ != nullptr) {
+    pool_->RunAll([&](int r) {
+      if (backends_[static_cast<size_t>(r)] != nullptr)
+        backends_[static_cast<size_t>(r)]->Synchronize().IgnoreError();
+    });
+  }
   models_.clear();
   variables_.clear();
   sync_on_read_.clear();
