@@ -140,12 +140,12 @@ class Client::Impl {
 
   // Variables (guarded by vars_mu_).
   mutable std::mutex vars_mu_;
-  std::map<std::string, VariableInfo> vars_;   // Guarded by vars_mu_.
+  std::map<std::string, VariableInfo> vars_;  // Guarded by vars_mu_.
   std::unique_ptr<PlacementPlanner> planner_;  // Guarded by vars_mu_.
 
   mutable std::mutex stats_mu_;
-  ClientStats stats_;                // Guarded by stats_mu_.
-  std::vector<int64_t> min_clocks_;  // per shard; Guarded by stats_mu_.
+  ClientStats stats_;                  // Guarded by stats_mu_.
+  std::vector<int64_t> min_clocks_;    // per shard; Guarded by stats_mu_.
 
   void RecordReply(int shard, const Reply& reply, bool is_pull) {
     std::lock_guard<std::mutex> lock(stats_mu_);
@@ -203,8 +203,8 @@ Status Client::Impl::Start() {
   for (size_t i = 0; i < options_.ps_endpoints.size(); ++i) {
     DV_ASSIGN_OR_RETURN(auto sock,
                         transport::Socket::Create(*context_, transport::SocketType::kDealer, so));
-    DV_RETURN_IF_ERROR(
-        sock->Connect(options_.ps_endpoints[i]).WithContext("shard " + std::to_string(i)));
+    DV_RETURN_IF_ERROR(sock->Connect(options_.ps_endpoints[i])
+                           .WithContext("shard " + std::to_string(i)));
     sockets_.push_back(std::move(sock));
   }
   min_clocks_.assign(sockets_.size(), 0);
@@ -292,7 +292,8 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
   for (size_t i = 1; i < msg.size(); ++i) sizes.push_back(msg[i].size());
   auto reply = protocol::DecodeReply(msg[0].bytes(), sizes);
   if (!reply.ok()) {
-    DV_LOG(kWarning) << "dropping malformed reply from shard " << shard << ": " << reply.status();
+    DV_LOG(kWarning) << "dropping malformed reply from shard " << shard << ": "
+                     << reply.status();
     return;
   }
   auto it = pending_.find(reply->request_id);
@@ -311,8 +312,9 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
     if (p.state->abandoned) {
       s = CancelledError("abandoned");
     } else if (reply->code != StatusCode::kOk) {
-      s = Status(reply->code, "shard " + std::to_string(shard) + " (" +
-                                  options_.ps_endpoints[shard] + "): " + reply->message);
+      s = Status(reply->code,
+                 "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] +
+                     "): " + reply->message);
     } else if (p.on_reply) {
       s = p.on_reply(*reply, msg);
     }
@@ -433,25 +435,27 @@ StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) 
       if (Clock::now() - start >= options.connect_timeout) break;
       std::string who;
       for (int s : state->pending_shards) who += " " + options.ps_endpoints[s];
-      DV_LOG(kInfo)
-          << "waiting for parameter server(s)" << who << " ("
-          << std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - start).count()
-          << " s so far, giving up after " << options.connect_timeout.count() / 1000 << " s)";
+      DV_LOG(kInfo) << "waiting for parameter server(s)" << who << " ("
+                    << std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - start)
+                           .count()
+                    << " s so far, giving up after " << options.connect_timeout.count() / 1000
+                    << " s)";
     }
   }
   Status s = h.Wait(std::chrono::milliseconds(1));
   if (s.code() == StatusCode::kDeadlineExceeded)
     return UnavailableError("could not reach every parameter server within " +
-                            std::to_string(options.connect_timeout.count()) +
-                            " ms: " + s.message());
+                            std::to_string(options.connect_timeout.count()) + " ms: " +
+                            s.message());
   DV_RETURN_IF_ERROR(s);
   int64_t join_clock = 0;
   for (int i = 0; i < n; ++i) {
     const auto& r = (*replies)[i];
     if (r.num_shards != n)
-      return FailedPreconditionError("shard " + std::to_string(i) + " (" + options.ps_endpoints[i] +
-                                     ") says the job has " + std::to_string(r.num_shards) +
-                                     " shards, this worker has " + std::to_string(n));
+      return FailedPreconditionError("shard " + std::to_string(i) + " (" +
+                                     options.ps_endpoints[i] + ") says the job has " +
+                                     std::to_string(r.num_shards) + " shards, this worker has " +
+                                     std::to_string(n));
     join_clock = std::max(join_clock, r.clock);
   }
   if (options.role == protocol::Role::kWorker) client->set_clock(join_clock);
@@ -485,8 +489,8 @@ Status Client::CreateVariable(const std::string& name, DType dtype, const Shape&
   info.shape = shape;
   if (!options.initial_values.empty()) {
     if (static_cast<int64_t>(options.initial_values.size()) != shape.num_elements())
-      return InvalidArgumentError("variable '" + name +
-                                  "': " + std::to_string(options.initial_values.size()) +
+      return InvalidArgumentError("variable '" + name + "': " +
+                                  std::to_string(options.initial_values.size()) +
                                   " initial values for shape " + shape.ToString());
     if (dtype != DType::kF32)
       return InvalidArgumentError("variable '" + name + "': initial values need dtype f32");
@@ -515,8 +519,9 @@ Status Client::CreateVariable(const std::string& name, DType dtype, const Shape&
       cv.spec.initializer.kind = protocol::InitValues{ref};
       const float* base = options.initial_values.data() + slice.row_begin * row_elems;
       size_t bytes = static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems) * 4;
-      m.payloads.push_back(Payload::Copy(
-          std::span<const std::byte>(reinterpret_cast<const std::byte*>(base), bytes)));
+      m.payloads.push_back(
+          Payload::Copy(std::span<const std::byte>(reinterpret_cast<const std::byte*>(base),
+                                                   bytes)));
     }
     m.request.body = cv;
     msgs.push_back(std::move(m));
@@ -593,9 +598,9 @@ RequestHandle Client::Pull(std::vector<PullTarget> targets) {
       r.variable = t.variable;
       r.rows = protocol::RowRange{slice.row_begin, slice.row_end};
       pull.reads.push_back(std::move(r));
-      std::span<float> dst =
-          t.out.subspan(static_cast<size_t>(slice.row_begin * row_elems),
-                        static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems));
+      std::span<float> dst = t.out.subspan(static_cast<size_t>(slice.row_begin * row_elems),
+                                           static_cast<size_t>((slice.row_end - slice.row_begin) *
+                                                               row_elems));
       size_t read_index = pull.reads.size() - 1;
       auto prev = std::move(m.on_reply);
       m.on_reply = [prev = std::move(prev), dst, read_index](const Reply& reply,
@@ -690,11 +695,12 @@ std::shared_ptr<const void> MakeReleaseToken(std::shared_ptr<RequestHandle::Stat
     std::lock_guard<std::mutex> lock(state->mu);
     state->outstanding_releases += 1;
   }
-  return std::shared_ptr<const void>(static_cast<const void*>(state.get()), [state](const void*) {
-    std::lock_guard<std::mutex> lock(state->mu);
-    state->outstanding_releases -= 1;
-    if (state->DoneLocked()) state->cv.notify_all();
-  });
+  return std::shared_ptr<const void>(static_cast<const void*>(state.get()),
+                                     [state](const void*) {
+                                       std::lock_guard<std::mutex> lock(state->mu);
+                                       state->outstanding_releases -= 1;
+                                       if (state->DoneLocked()) state->cv.notify_all();
+                                     });
 }
 
 Payload BorrowFloats(const float* data, size_t count, const std::shared_ptr<const void>& token) {
@@ -742,9 +748,10 @@ RequestHandle Client::Push(std::vector<PushSource> sources, bool advance_clock) 
       u.values.shape = SliceShape(v, slice.row_end - slice.row_begin);
       u.rows = protocol::RowRange{slice.row_begin, slice.row_end};
       push.updates.push_back(std::move(u));
-      m.payloads.push_back(
-          BorrowFloats(src.grad.data() + slice.row_begin * row_elems,
-                       static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems), token));
+      m.payloads.push_back(BorrowFloats(src.grad.data() + slice.row_begin * row_elems,
+                                        static_cast<size_t>((slice.row_end - slice.row_begin) *
+                                                            row_elems),
+                                        token));
     }
   }
   token.reset();  // the payloads hold it now
@@ -766,9 +773,10 @@ RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange 
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
   if (rows.begin < 0 || rows.end > v.shape.rows() || rows.begin > rows.end)
-    return FailedHandle(OutOfRangeError(
-        "pull of '" + variable + "': rows [" + std::to_string(rows.begin) + ", " +
-        std::to_string(rows.end) + ") outside [0, " + std::to_string(v.shape.rows()) + ")"));
+    return FailedHandle(OutOfRangeError("pull of '" + variable + "': rows [" +
+                                        std::to_string(rows.begin) + ", " +
+                                        std::to_string(rows.end) + ") outside [0, " +
+                                        std::to_string(v.shape.rows()) + ")"));
   if (static_cast<int64_t>(out.size()) != rows.size() * row_elems)
     return FailedHandle(InvalidArgumentError("pull of '" + variable + "': buffer has " +
                                              std::to_string(out.size()) + " floats, rows need " +
@@ -781,8 +789,8 @@ RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange 
     m.shard = slice.shard;
     m.request = impl_->NewRequest();
     protocol::Pull pull;
-    pull.reads.push_back(
-        protocol::Read{variable, protocol::Encoding::kRaw, protocol::RowRange{b, e}});
+    pull.reads.push_back(protocol::Read{variable, protocol::Encoding::kRaw,
+                                        protocol::RowRange{b, e}});
     m.request.body = std::move(pull);
     std::span<float> dst = out.subspan(static_cast<size_t>((b - rows.begin) * row_elems),
                                        static_cast<size_t>((e - b) * row_elems));
@@ -803,9 +811,10 @@ RequestHandle Client::PushRange(const std::string& variable, protocol::RowRange 
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
   if (rows.begin < 0 || rows.end > v.shape.rows() || rows.begin > rows.end)
-    return FailedHandle(OutOfRangeError(
-        "push of '" + variable + "': rows [" + std::to_string(rows.begin) + ", " +
-        std::to_string(rows.end) + ") outside [0, " + std::to_string(v.shape.rows()) + ")"));
+    return FailedHandle(OutOfRangeError("push of '" + variable + "': rows [" +
+                                        std::to_string(rows.begin) + ", " +
+                                        std::to_string(rows.end) + ") outside [0, " +
+                                        std::to_string(v.shape.rows()) + ")"));
   if (static_cast<int64_t>(grad.size()) != rows.size() * row_elems)
     return FailedHandle(InvalidArgumentError("push of '" + variable + "': gradient has " +
                                              std::to_string(grad.size()) + " floats, rows need " +
@@ -836,8 +845,8 @@ RequestHandle Client::PushRange(const std::string& variable, protocol::RowRange 
 namespace {
 
 struct RowGroup {
-  std::vector<int64_t> indices;   // global rows for this shard
-  std::vector<size_t> positions;  // where each row sits in the caller's order
+  std::vector<int64_t> indices;    // global rows for this shard
+  std::vector<size_t> positions;   // where each row sits in the caller's order
 };
 
 Status GroupRows(const VariableInfo& v, std::span<const int64_t> indices,
@@ -940,8 +949,8 @@ RequestHandle Client::PushRows(const std::string& variable, std::span<const int6
     m.request.body = protocol::Push{{std::move(u)}, false};
     m.payloads.push_back(IndexPayload(g.indices));
     // Gather this shard's rows into one contiguous buffer.
-    auto rows =
-        std::make_shared<std::vector<float>>(g.indices.size() * static_cast<size_t>(row_elems));
+    auto rows = std::make_shared<std::vector<float>>(g.indices.size() *
+                                                     static_cast<size_t>(row_elems));
     for (size_t i = 0; i < g.positions.size(); ++i)
       std::memcpy(rows->data() + i * static_cast<size_t>(row_elems),
                   grad.data() + g.positions[i] * static_cast<size_t>(row_elems),
@@ -955,7 +964,8 @@ RequestHandle Client::PushRows(const std::string& variable, std::span<const int6
 namespace {
 // Builds one message per shard with the same body.
 template <typename Body>
-std::vector<Client::Impl::Outgoing> ToEveryShard(Client::Impl* impl, int shards, const Body& body) {
+std::vector<Client::Impl::Outgoing> ToEveryShard(Client::Impl* impl, int shards,
+                                                 const Body& body) {
   std::vector<Client::Impl::Outgoing> msgs;
   for (int s = 0; s < shards; ++s) {
     Client::Impl::Outgoing m;
