@@ -298,6 +298,8 @@ Status TrainClassifier(ParameterServerStrategy& strategy, const TrainerOptions& 
         {"mean_staleness", stats.mean_staleness()},
         {"max_staleness", stats.staleness_max},
         {"blocked_seconds", stats.blocked_s()},
+        {"pull_wait_seconds", stats.pull_wait_s},
+        {"push_wait_seconds", stats.push_wait_s},
         {"compute_seconds", stats.compute_s},
         {"staleness_histogram", stats.staleness_histogram},
         {"worker", worker},
@@ -320,7 +322,8 @@ Status TrainClassifier(ParameterServerStrategy& strategy, const TrainerOptions& 
   out << "done: " << steps << " steps, " << examples << " examples in " << std::fixed
       << std::setprecision(1) << wall << " s (" << std::setprecision(0)
       << static_cast<double>(examples) / std::max(wall, 1e-9) << " examples/s), blocked "
-      << std::setprecision(1) << stats.blocked_s() << " s, mean staleness " << std::setprecision(2)
+      << std::setprecision(2) << stats.blocked_s() << " s (pulls " << stats.pull_wait_s
+      << ", pushes " << stats.push_wait_s << "), mean staleness " << std::setprecision(2)
       << stats.mean_staleness() << ", max " << stats.staleness_max;
   if (test_accuracy) out << ", test accuracy " << std::setprecision(4) << *test_accuracy;
   out << std::endl;

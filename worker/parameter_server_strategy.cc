@@ -128,7 +128,14 @@ StatusOr<std::unique_ptr<ParameterServerStrategy>> ParameterServerStrategy::Crea
 ParameterServerStrategy::~ParameterServerStrategy() {
   // Models and variables hold device buffers and borrow the backends: drop
   // them first, then the threads, then the backends; the store (and its
-  // connection) last of the rest.
+  // connection) last of the rest. Device work still queued (asynchronous
+  // backends) finishes first, each on its replica's thread.
+  if (pool_ != nullptr) {
+    pool_->RunAll([&](int r) {
+      if (backends_[static_cast<size_t>(r)] != nullptr)
+        backends_[static_cast<size_t>(r)]->Synchronize().IgnoreError();
+    });
+  }
   models_.clear();
   variables_.clear();
   sync_on_read_.clear();
@@ -346,7 +353,17 @@ Status ParameterServerStrategy::PullIfStale() {
   if (variables_.empty()) return OkStatus();
   if (!mirror_stale_ && mirrored_clock_ == store_->clock()) return OkStatus();
   const auto t0 = Clock::now();
-  Status s = store_->Pull(pull_names_, &pulled_);
+  Status s;
+  if (prefetch_ != nullptr && prefetch_clock_ == store_->clock() &&
+      prefetch_variables_ == pull_names_.size()) {
+    // Started right behind this worker's last push.
+    s = prefetch_done_.Wait();
+    if (s.ok()) pulled_.swap(*prefetch_);
+  } else {
+    s = store_->Pull(pull_names_, &pulled_);
+  }
+  // A failed prefetch's vector may still be written by a late reply: drop it.
+  prefetch_.reset();
   const double wait = Seconds(Clock::now() - t0);
   if (!s.ok()) return s.WithContext("pull at clock " + Num(store_->clock()));
   pending_pull_wait_s_ += wait;
@@ -554,7 +571,22 @@ Status ParameterServerStrategy::PushGradients(std::span<MirroredVariable* const>
   }
   const int64_t clock = store_->clock();
   const auto t0 = Clock::now();
-  Status s = store_->Push(push_sources_);
+  prefetch_.reset();  // from an earlier push of this Run: out of date
+  RequestHandle pushed;
+  Status s = store_->StartPush(push_sources_, &pushed);
+  if (s.ok()) {
+    // The next step's pull goes out right behind the push, before its
+    // acknowledgement: the servers answer it as soon as the consistency
+    // model allows (read-my-writes: it sees this push). The next Run (or
+    // RefreshVariables) waits for it.
+    auto prefetch = std::make_shared<std::vector<PulledVariable>>();
+    if (store_->StartPull(pull_names_, prefetch, &prefetch_done_).ok()) {
+      prefetch_ = std::move(prefetch);
+      prefetch_clock_ = store_->clock();
+      prefetch_variables_ = pull_names_.size();
+    }
+    s = pushed.Wait();
+  }
   push_wait_in_run_ += Seconds(Clock::now() - t0);
   pushed_in_run_ = true;
   return s.WithContext("push of step " + Num(clock));
@@ -568,6 +600,9 @@ Status ReplicaContext::Collective(const void* mine, const internal::MergeFunctio
 }
 
 Status ReplicaContext::ApplyGradients() {
+  // Asynchronous backends (CUDA) may still be writing this replica's
+  // gradients; replica 0 reads them all once everyone is in.
+  DV_RETURN_IF_ERROR(backend_->Synchronize());
   ParameterServerStrategy* s = strategy_;
   internal::MergeFunction merge =
       [s](std::span<const void* const>) -> StatusOr<std::shared_ptr<const void>> {
@@ -579,6 +614,7 @@ Status ReplicaContext::ApplyGradients() {
 }
 
 Status ReplicaContext::ApplyGradients(std::span<MirroredVariable* const> variables) {
+  DV_RETURN_IF_ERROR(backend_->Synchronize());
   ParameterServerStrategy* s = strategy_;
   internal::MergeFunction merge =
       [s, variables](std::span<const void* const>) -> StatusOr<std::shared_ptr<const void>> {

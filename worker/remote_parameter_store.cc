@@ -12,35 +12,24 @@ namespace {
 
 class RemoteParameterStore final : public ParameterStore {
  public:
-  explicit RemoteParameterStore(std::unique_ptr<Client> client) : client_(std::move(client)) {
-    pulled_ = std::make_shared<std::vector<PulledVariable>>();
-  }
+  explicit RemoteParameterStore(std::unique_ptr<Client> client) : client_(std::move(client)) {}
 
   Status CreateVariable(const std::string& name, const Shape& shape,
                         const VariableOptions& options) override {
     return client_->CreateVariable(name, DType::kF32, shape, options);
   }
 
-  Status Pull(const std::vector<std::string>& variables,
-              std::vector<PulledVariable>* out) override {
-    // PullViews fills a shared vector (its reply callbacks point into it);
-    // hand the views over afterwards. The frames stay alive through the
-    // slices' owners.
-    Status s = client_->PullViews(variables, pulled_).Wait();
-    if (!s.ok()) {
-      // A reply that still arrives may write into the old vector (its
-      // callbacks keep it alive); never reuse it.
-      pulled_ = std::make_shared<std::vector<PulledVariable>>();
-      return s;
-    }
-    out->swap(*pulled_);
-    pulled_->clear();
+  Status StartPull(const std::vector<std::string>& variables,
+                   std::shared_ptr<std::vector<PulledVariable>> out, RequestHandle* done) override {
+    // The reply callbacks write into *out (they keep it alive).
+    *done = client_->PullViews(variables, std::move(out));
     return OkStatus();
   }
 
-  Status Push(std::span<const PushSource> gradients) override {
+  Status StartPush(std::span<const PushSource> gradients, RequestHandle* done) override {
     std::vector<PushSource> sources(gradients.begin(), gradients.end());
-    return client_->Push(std::move(sources), /*advance_clock=*/true).Wait();
+    *done = client_->Push(std::move(sources), /*advance_clock=*/true);
+    return OkStatus();
   }
 
   int64_t clock() const override { return client_->clock(); }
@@ -56,7 +45,6 @@ class RemoteParameterStore final : public ParameterStore {
 
  private:
   std::unique_ptr<Client> client_;
-  std::shared_ptr<std::vector<PulledVariable>> pulled_;
 };
 
 }  // namespace

@@ -63,8 +63,10 @@ class LocalParameterStore final : public ParameterStore {
     return OkStatus();
   }
 
-  Status Pull(const std::vector<std::string>& variables,
-              std::vector<PulledVariable>* out) override {
+  // Both complete before they return (*done stays an empty, OK handle).
+  Status StartPull(const std::vector<std::string>& variables,
+                   std::shared_ptr<std::vector<PulledVariable>> out, RequestHandle* done) override {
+    *done = RequestHandle();
     out->clear();
     out->reserve(variables.size());
     for (const std::string& name : variables) {
@@ -83,7 +85,8 @@ class LocalParameterStore final : public ParameterStore {
     return OkStatus();
   }
 
-  Status Push(std::span<const PushSource> gradients) override {
+  Status StartPush(std::span<const PushSource> gradients, RequestHandle* done) override {
+    *done = RequestHandle();
     // Validate everything first, as a server does.
     std::vector<Variable*> targets;
     targets.reserve(gradients.size());

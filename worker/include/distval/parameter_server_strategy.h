@@ -26,6 +26,8 @@
 //   gradients reduced across the local replicas (Backend::ReduceSum on
 //   replica 0's device) -> one push for the worker -> its clock advances.
 //   The servers apply the optimizer; BSP / SSP / async is their setting.
+//   The next step's pull is sent right behind the push (before its
+//   acknowledgement), and the next Run waits for it.
 //
 // Contexts. Code inside a step function runs in REPLICA context; everything
 // else (and the body of ReplicaContext::MergeCall) is CROSS-REPLICA
@@ -331,6 +333,12 @@ class ParameterServerStrategy {
   std::vector<PulledVariable> pulled_;
   int64_t mirrored_clock_ = -1;
   bool mirror_stale_ = true;
+  // The pull started right behind the last push (the next step's values),
+  // or null. Written on replica 0's thread during a Run, read after it.
+  std::shared_ptr<std::vector<PulledVariable>> prefetch_;
+  RequestHandle prefetch_done_;
+  int64_t prefetch_clock_ = -1;
+  size_t prefetch_variables_ = 0;
 
   // Run state.
   std::mutex run_mu_;                             // one Run (or RunOnReplica) at a time

@@ -43,20 +43,29 @@ class ParameterStore {
   virtual Status CreateVariable(const std::string& name, const Shape& shape,
                                 const VariableOptions& options) = 0;
 
-  // Pulls the current value of every named variable (all created before).
-  // On OK, (*out)[i] describes variables[i]: slices sorted by row, covering
-  // every row, each a view that stays valid while `*out` keeps it (the slice
-  // owners) and at least until the next Push. Blocks as the consistency
-  // model requires (BSP/SSP pulls wait for slower workers). Errors: NotFound
-  // for an unknown variable, the servers' errors.
-  virtual Status Pull(const std::vector<std::string>& variables,
-                      std::vector<PulledVariable>* out) = 0;
+  // Starts a pull of the current value of every named variable (all
+  // created before). When `*done` completes OK, (*out)[i] describes
+  // variables[i]: slices sorted by row, covering every row, each a view
+  // that stays valid while `*out` keeps it (the slice owners) and at least
+  // until the next push. The pull is answered as the consistency model says
+  // (BSP/SSP pulls wait for slower workers). A pull started right after a
+  // push sees that push (read-my-writes). Errors: an immediate Status for
+  // what is wrong before anything is sent; otherwise `*done` reports them
+  // (NotFound for an unknown variable, the servers' errors).
+  virtual Status StartPull(const std::vector<std::string>& variables,
+                           std::shared_ptr<std::vector<PulledVariable>> out,
+                           RequestHandle* done) = 0;
 
-  // Pushes one gradient per listed variable (whole-variable, f32, the
-  // variable's element count) and advances this worker's clock by one.
-  // Returns once the servers acknowledged the push and the gradient buffers
-  // may be reused. Errors: InvalidArgument (sizes), NotFound, the servers'.
-  virtual Status Push(std::span<const PushSource> gradients) = 0;
+  // Starts a push of one gradient per listed variable (whole-variable, f32,
+  // the variable's element count) that advances this worker's clock by one
+  // (clock() counts it at once). The gradient buffers are borrowed until
+  // `*done` completes. Errors: as StartPull (InvalidArgument for sizes,
+  // NotFound, the servers').
+  virtual Status StartPush(std::span<const PushSource> gradients, RequestHandle* done) = 0;
+
+  // StartPull / StartPush and wait for them.
+  Status Pull(const std::vector<std::string>& variables, std::vector<PulledVariable>* out);
+  Status Push(std::span<const PushSource> gradients);
 
   // Steps this worker has completed (pushes with a clock advance).
   virtual int64_t clock() const = 0;

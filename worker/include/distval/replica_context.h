@@ -139,7 +139,9 @@ class ReplicaContext {
   // device when it can read every replica's buffer), pushes them to the
   // parameter servers in ONE push for the worker, and advances the worker's
   // clock. The servers apply the optimizer. The replicas' value copies are
-  // refreshed by the pull at the start of the next Run. Collective. Errors:
+  // refreshed by the pull at the start of the next Run (sent right behind
+  // this push). Returns once the servers acknowledged the push; the
+  // gradient buffers must not change before. Collective. Errors:
   // the push's (Unavailable, DeadlineExceeded, the servers' messages),
   // device errors.
   Status ApplyGradients();
