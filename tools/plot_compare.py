@@ -41,15 +41,17 @@ def main(out_dir):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
     ax_t, ax_e, ax_l = axes
     target = settings.get("target_accuracy")
+    accs = [p["test_accuracy"] for m in summary["modes"] for p in m.get("curve", [])
+            if p.get("test_accuracy") is not None]
     for m in summary["modes"]:
         mode = m["mode"]
         color = COLORS.get(mode)
         pts = [p for p in m.get("curve", []) if p.get("test_accuracy") is not None]
         if pts:
-            ax_t.plot([0] + [p["wall_s"] for p in pts], [0.1] + [p["test_accuracy"] for p in pts],
-                      marker="o", label=mode, color=color)
-            ax_e.plot([0] + [p["examples"] / 1000 for p in pts],
-                      [0.1] + [p["test_accuracy"] for p in pts], marker="o", label=mode, color=color)
+            ax_t.plot([p["wall_s"] for p in pts], [p["test_accuracy"] for p in pts],
+                      marker="o", markersize=4, label=mode, color=color)
+            ax_e.plot([p["examples"] / 1000 for p in pts], [p["test_accuracy"] for p in pts],
+                      marker="o", markersize=4, label=mode, color=color)
         pts = sorted(losses.get(mode, []))
         if pts:
             window = max(1, len(pts) // 60)
@@ -59,15 +61,21 @@ def main(out_dir):
         if target:
             ax.axhline(target, color="black", linestyle=":", linewidth=1)
         ax.set_ylabel("test accuracy")
-        ax.set_ylim(bottom=0.0, top=1.0)
+        if accs:  # zoom on the measured range (and the target)
+            lo = min(accs + ([target] if target else []))
+            hi = max(accs + ([target] if target else []))
+            pad = max(0.01, 0.1 * (hi - lo))
+            ax.set_ylim(bottom=max(0.0, lo - pad), top=min(1.0, hi + pad))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
+        ax.set_xlim(left=0)
     ax_t.set_xlabel("wall time (s)")
     ax_t.set_title("Test accuracy vs wall time")
     ax_e.set_xlabel("examples seen, all workers (thousands)")
     ax_e.set_title("Test accuracy vs examples seen")
     ax_l.set_xlabel("wall time (s)")
-    ax_l.set_ylabel("training loss (moving average)")
+    ax_l.set_ylabel("training loss (moving average, log scale)")
+    ax_l.set_yscale("log")
     ax_l.set_title("Training loss vs wall time")
     ax_l.grid(alpha=0.3)
     ax_l.legend(loc="upper right")
