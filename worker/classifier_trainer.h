@@ -1,10 +1,13 @@
 // ClassifierTrainer: what distval-worker runs. Trains a built-in classifier
-// (mlp, logreg) on an MNIST-format dataset with a ParameterServerStrategy:
-// every step is one strategy Run (pull -> mirror -> per-replica forward /
-// backward -> ApplyGradients: local reduction, one push, clock), so a
-// distributed run and the --local baseline go through exactly the same code.
-// Writes the per-step / per-epoch metrics (JSON lines), the summary JSON, the
-// per-epoch test accuracy (evaluating workers) and a progress line.
+// (mlp, logreg) on an MNIST-format dataset with the Keras-style API
+// (distval/model.h): Model::Create under the strategy, Compile with the
+// strategy's optimizer, Model::Fit. Every step is one strategy Run (pull ->
+// mirror -> per-replica forward / backward -> ApplyGradients: local
+// reduction, one push, clock), so a distributed run and the --local baseline
+// go through exactly the same code. Fit callbacks write the per-step /
+// per-epoch metrics (JSON lines), the per-epoch line with the test accuracy
+// (evaluating workers, Model::Evaluate on this worker alone); then the
+// summary JSON and, with save_path, the saved model (worker 0).
 //
 // Internal to the distval-worker binary (not part of libdistval-worker).
 // Thread-safety: one thread.
@@ -44,6 +47,8 @@ struct TrainerOptions {
   std::string devices;
   // Progress display: \r updates when true (a TTY), else occasional lines.
   bool interactive = false;
+  // Model::Save the trained model here (worker 0 and --local; "" = no).
+  std::string save_path;
 };
 
 // The built-in model `name` (InvalidArgument naming it otherwise).

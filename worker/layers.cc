@@ -54,6 +54,10 @@ std::unique_ptr<Layer> Dense::Clone() const {
   return copy;
 }
 
+std::optional<std::string> Dense::GetConfig() const {
+  return "{\"in\":" + Num(in_) + ",\"out\":" + Num(out_) + "}";
+}
+
 StatusOr<int> Dense::OutputFeatures(int input_features) const {
   if (in_ < 1 || out_ < 1)
     return InvalidArgumentError("layer '" + name() + "': Dense(" + Num(in_) + ", " + Num(out_) +

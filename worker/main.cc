@@ -96,7 +96,7 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(40);
   std::string model = "mlp", data_dir(kDefaultFashionMnistDir), optimizer = "momentum";
   std::string devices = "cpu:0", staleness_text = "0", ps, cluster_file, log_level = "info";
-  std::string summary_json, metrics_out;
+  std::string summary_json, metrics_out, save_path;
   int epochs = 1, global_batch = 64, worker_index = 0, num_workers = 1;
   double lr = 0, slowdown = 1.0;
   uint64_t seed = 1;
@@ -146,6 +146,9 @@ int main(int argc, char** argv) {
                "optimizer code): the baseline");
   app.add_option("--summary-json", summary_json, "write a JSON summary here at the end");
   app.add_option("--metrics-out", metrics_out, "write one JSON line per step and per epoch here");
+  app.add_option("--save", save_path,
+                 "after training, save the model to this directory (model.json and "
+                 "variables.safetensors; worker 0 and --local save, other workers skip)");
   app.add_option("--slowdown", slowdown,
                  "straggler simulation: each step's compute takes this factor longer (>= 1)")
       ->check(CLI::Range(1.0, 1000.0))
@@ -228,6 +231,7 @@ int main(int argc, char** argv) {
   to.learning_rate = opt_spec->learning_rate;
   to.devices = devices;
   to.interactive = isatty(STDOUT_FILENO) != 0;
+  to.save_path = save_path;
   Status s = TrainClassifier(**strategy, to, std::cout);
   if (!s.ok()) return Fail(kRuntimeError, s.ToString());
   return 0;

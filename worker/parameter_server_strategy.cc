@@ -103,6 +103,7 @@ StatusOr<std::unique_ptr<ParameterServerStrategy>> ParameterServerStrategy::Crea
   s->global_batch_size_ = v.global_batch;
   s->per_replica_batch_size_ = v.per_replica_batch;
   s->default_optimizer_ = options.optimizer;
+  s->variable_partitioner_ = options.variable_partitioner;
   s->devices_ = std::move(v.devices);
   const int n = static_cast<int>(s->devices_.size());
   s->store_ = std::move(store);
@@ -238,7 +239,7 @@ StatusOr<MirroredVariable*> ParameterServerStrategy::CreateVariableImpl(
   vo.aggregation = options.aggregation == VariableAggregation::kSum ? protocol::Aggregation::kSum
                                                                     : protocol::Aggregation::kMean;
   vo.staleness = options.staleness.value_or(protocol::kStalenessInherit);
-  vo.partitioner = options.partitioner;
+  vo.partitioner = options.partitioner.value_or(variable_partitioner_);
   DV_RETURN_IF_ERROR(store_->CreateVariable(name, shape, vo));
 
   std::unique_ptr<MirroredVariable> var(
@@ -332,7 +333,23 @@ StatusOr<MirroredModel*> ParameterServerStrategy::CreateModel(const Sequential& 
   std::vector<std::vector<Parameter>> params;
   for (auto& replica : mm->replicas_) params.push_back(replica->Parameters());
   const std::vector<ParameterSpec> specs = model.ParameterSpecs();
-  const std::vector<Tensor> init = model.InitialValues(options.seed);
+  std::vector<Tensor> seeded;
+  if (options.initial_values.empty()) {
+    seeded = model.InitialValues(options.seed);
+  } else if (options.initial_values.size() != specs.size()) {
+    return InvalidArgumentError(
+        "CreateModel: " + Num(static_cast<int64_t>(options.initial_values.size())) +
+        " initial values for " + Num(static_cast<int64_t>(specs.size())) + " parameters");
+  }
+  const std::span<const Tensor> init =
+      options.initial_values.empty() ? std::span<const Tensor>(seeded) : options.initial_values;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (init[i].dtype() != DType::kF32 || init[i].shape() != specs[i].shape)
+      return InvalidArgumentError("CreateModel: the initial value of '" + specs[i].name + "' is " +
+                                  std::string(DTypeName(init[i].dtype())) +
+                                  init[i].shape().ToString() + ", the parameter is f32" +
+                                  specs[i].shape.ToString());
+  }
   for (size_t i = 0; i < specs.size(); ++i) {
     std::vector<Parameter> bind;
     for (int r = 0; r < replicas; ++r) bind.push_back(params[static_cast<size_t>(r)][i]);

@@ -90,5 +90,38 @@ TEST(ExamplesTest, BringYourOwnModelLearnsWithRawPullAndPush) {
   EXPECT_GE(acc, 0.72) << out;
 }
 
+TEST(ExamplesTest, KerasStyleFitTrainsEvaluatesSavesAndLoads) {
+  if (!HaveData()) GTEST_SKIP() << "Fashion-MNIST not installed";
+  const std::string bin = testing::BinaryFromEnv("DISTVAL_EXAMPLE_KERAS_FIT_BIN");
+  ASSERT_FALSE(bin.empty());
+  char tmpl[] = "/tmp/distval-keras-fit-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string save = std::string(tmpl) + "/model";
+  const std::string out =
+      RunTwoWorkers(bin, {"--train-limit", "10000", "--epochs", "2", "--save", save});
+  std::error_code ec;
+  EXPECT_TRUE(std::filesystem::exists(save + "/variables.safetensors", ec)) << out;
+  std::filesystem::remove_all(tmpl, ec);
+  // Fit's progress bar and validation, the learning-rate schedule (halved
+  // after the first epoch, on the servers).
+  EXPECT_NE(out.find("Epoch 2/2"), std::string::npos) << out;
+  EXPECT_NE(out.find("val_accuracy: "), std::string::npos) << out;
+  EXPECT_NE(out.find("worker 0 trained 2 epoch(s)"), std::string::npos) << out;
+  EXPECT_NE(out.find("learning rate 0.0005"), std::string::npos) << out;
+  EXPECT_NE(out.find("saved the model to " + save), std::string::npos) << out;
+  // Evaluate counts every test example once across the two workers, and the
+  // restored model (new variables from the saved values) scores the same.
+  static const std::regex eval_re(
+      "evaluate: test loss ([0-9.]+), test accuracy ([0-9.]+) over 10000 examples");
+  static const std::regex restored_re(
+      "restored model: test loss ([0-9.]+), test accuracy ([0-9.]+) over 10000 examples");
+  std::smatch eval, restored;
+  ASSERT_TRUE(std::regex_search(out, eval, eval_re)) << out;
+  ASSERT_TRUE(std::regex_search(out, restored, restored_re)) << out;
+  EXPECT_GE(std::stod(eval[2].str()), 0.72) << out;
+  EXPECT_EQ(eval[1].str(), restored[1].str());
+  EXPECT_EQ(eval[2].str(), restored[2].str());
+}
+
 }  // namespace
 }  // namespace distval

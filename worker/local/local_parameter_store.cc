@@ -2,6 +2,7 @@
 // variables held in this process.
 #include "distval/local_parameter_store.h"
 
+#include <cmath>
 #include <map>
 #include <string>
 #include <utility>
@@ -108,6 +109,24 @@ class LocalParameterStore final : public ParameterStore {
     }
     ++clock_;
     return OkStatus();
+  }
+
+  Status SetLearningRate(double learning_rate) override {
+    if (!std::isfinite(learning_rate) || learning_rate < 0)
+      return InvalidArgumentError("learning rate " + std::to_string(learning_rate) +
+                                  " must be finite and >= 0");
+    for (auto& [name, v] : vars_) {
+      DV_RETURN_IF_ERROR(v.optimizer->SetLearningRate(learning_rate).WithContext(name));
+    }
+    return OkStatus();
+  }
+
+  // One process is the whole job.
+  Status Barrier(const std::string&) override { return OkStatus(); }
+  StatusOr<std::vector<double>> SumAcrossWorkers(const std::string& key,
+                                                 std::span<const double> values) override {
+    if (key.empty()) return InvalidArgumentError("SumAcrossWorkers: the key is empty");
+    return std::vector<double>(values.begin(), values.end());
   }
 
   int64_t clock() const override { return clock_; }

@@ -43,6 +43,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -83,6 +84,13 @@ class Layer {
 
   // An unbuilt copy with the same configuration and name.
   virtual std::unique_ptr<Layer> Clone() const = 0;
+
+  // Keras's get_config(): the layer's constructor arguments as the text of
+  // a JSON object (Dense: {"in":784,"out":256}; ReLU: {}), from which a
+  // factory registered under type() rebuilds an equal layer (see
+  // distval/model_saving.h). nullopt (the default) when the layer cannot be
+  // described: Model::Save then fails naming the layer.
+  virtual std::optional<std::string> GetConfig() const { return std::nullopt; }
 
   // Output features for `input_features` inputs; InvalidArgument (naming the
   // layer and both numbers) when the layer does not accept that many.
@@ -136,6 +144,7 @@ class Dense final : public Layer {
 
   std::string_view type() const override { return "dense"; }
   std::unique_ptr<Layer> Clone() const override;
+  std::optional<std::string> GetConfig() const override;
   StatusOr<int> OutputFeatures(int input_features) const override;
   std::vector<ParameterSpec> ParameterSpecs() const override;
   std::vector<Tensor> InitialValues(uint64_t seed) const override;
@@ -163,6 +172,7 @@ class ReLU final : public Layer {
 
   std::string_view type() const override { return "relu"; }
   std::unique_ptr<Layer> Clone() const override;
+  std::optional<std::string> GetConfig() const override { return std::string("{}"); }
   StatusOr<int> OutputFeatures(int input_features) const override;
   std::vector<ParameterSpec> ParameterSpecs() const override { return {}; }
   std::vector<Tensor> InitialValues(uint64_t) const override { return {}; }

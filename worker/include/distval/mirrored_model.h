@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,10 @@ struct ModelOptions {
   std::string name_prefix;
   // Settings of every parameter variable.
   CreateVariableOptions variables;
+  // The parameters' initial values, in Sequential::ParameterSpecs() order
+  // (f32, the specs' shapes; e.g. a saved model's weights); empty: the
+  // model's seeded InitialValues(seed). Borrowed for the call.
+  std::span<const Tensor> initial_values;
 };
 
 class MirroredModel {

@@ -185,6 +185,10 @@ class ParameterServerStrategy {
   // Replica r's backend (for cross-replica work use RunOnReplica).
   Backend& backend(int local_replica) { return *backends_[static_cast<size_t>(local_replica)]; }
   int global_batch_size() const { return global_batch_size_; }
+  // WorkerOptions::optimizer: the optimizer of variables that name none.
+  const protocol::OptimizerSpec& default_optimizer() const { return default_optimizer_; }
+  // WorkerOptions::variable_partitioner.
+  const Partitioner& variable_partitioner() const { return variable_partitioner_; }
   int per_replica_batch_size() const { return per_replica_batch_size_; }
   // tf's InputContext for this worker: num_input_pipelines = workers,
   // input_pipeline_id = worker index, num_replicas_in_sync.
@@ -220,8 +224,9 @@ class ParameterServerStrategy {
   // Builds one copy of `model` per replica (on its thread and device) and a
   // MirroredVariable per parameter bound to those copies (see
   // distval/mirrored_model.h). Errors: InvalidArgument for bad options
-  // (input features, max_batch when the strategy has no batch), the model's
-  // Build errors, CreateVariable's errors.
+  // (input features, max_batch when the strategy has no batch, initial
+  // values whose count, dtype or shapes differ from the parameters'), the
+  // model's Build errors, CreateVariable's errors.
   StatusOr<MirroredModel*> CreateModel(const Sequential& model, const ModelOptions& options);
 
   // Every MirroredVariable, in creation order.
@@ -318,6 +323,7 @@ class ParameterServerStrategy {
   int global_batch_size_ = 0;
   int per_replica_batch_size_ = 0;
   protocol::OptimizerSpec default_optimizer_;
+  Partitioner variable_partitioner_;
   std::vector<DeviceSpec> devices_;
   std::vector<std::unique_ptr<Backend>> backends_;
   std::unique_ptr<ParameterStore> store_;

@@ -73,8 +73,37 @@ class ParameterStore {
   // replies (this worker's own clock for a local store).
   virtual int64_t min_clock() const = 0;
 
-  // The connected client of a remote store (for Stats, SetLearningRate,
-  // ...); null for other stores. Borrowed.
+  // Sets the learning rate of every variable's optimizer (the servers'
+  // SetLearningRate without a variable name: every variable they hold,
+  // whoever created it). Takes effect for updates applied after the
+  // servers acknowledged it. Errors: InvalidArgument for a negative or
+  // non-finite rate; the servers' errors.
+  virtual Status SetLearningRate(double learning_rate) = 0;
+
+  // Waits until every live worker of the job reached the barrier `name`
+  // (a collective: each worker calls it once per name). A store with one
+  // worker (local) returns at once. Errors: the servers' (Unavailable,
+  // DeadlineExceeded after the client's request timeout).
+  virtual Status Barrier(const std::string& name) = 0;
+
+  // Sums `values` over every live worker of the job and returns the sum on
+  // every worker (a collective: every worker calls it with the same `key`,
+  // never used before in this job, and the same number of values). Values
+  // travel and are summed as f32 (integers are exact up to 2^24). A store
+  // with one worker (local) returns `values`.
+  // Remote scheme: an accumulator variable "__distval/sum/<key>" of shape
+  // [shards, values.size()] split over every shard (so that worker 0 can
+  // set its learning rate to 1 on each), SGD, async; every worker reads it
+  // (barrier), pushes -values into row 0 without advancing its clock
+  // (barrier) and reads it again: the sum is the difference, even on
+  // servers that kept an accumulator of the same name. Not safe against a
+  // SetLearningRate for every variable sent while the collective runs.
+  // Errors: InvalidArgument for an empty key; the servers' errors.
+  virtual StatusOr<std::vector<double>> SumAcrossWorkers(const std::string& key,
+                                                         std::span<const double> values) = 0;
+
+  // The connected client of a remote store (for Stats, ...); null for
+  // other stores. Borrowed.
   virtual Client* client() { return nullptr; }
 
   // "parameter servers tcp://...,tcp://..." or "local (in-process)".

@@ -61,6 +61,11 @@ struct WorkerOptions {
   // servers).
   protocol::OptimizerSpec optimizer;
 
+  // How variables that do not name a partitioner are split over the servers
+  // (tf's ParameterServerStrategy(variable_partitioner=...)): e.g.
+  // Partitioner::MinSize(256 << 10, 2). Default: never split.
+  Partitioner variable_partitioner = Partitioner::None();
+
   // Connection settings (timeouts, heartbeats). ps_endpoints, worker_index,
   // num_workers, role and expected_staleness are taken from the fields
   // above.
@@ -74,8 +79,9 @@ struct WorkerOptions {
 
 // Per-variable settings of ParameterServerStrategy::CreateVariable.
 struct CreateVariableOptions {
-  // How the variable is split over the servers (default: whole on one).
-  Partitioner partitioner = Partitioner::None();
+  // How the variable is split over the servers; unset: the strategy's
+  // WorkerOptions::variable_partitioner (by default, whole on one server).
+  std::optional<Partitioner> partitioner;
   // The server-side optimizer; unset: WorkerOptions::optimizer.
   std::optional<protocol::OptimizerSpec> optimizer;
   // How replicas' gradients combine: kMean (default: the mean over the
