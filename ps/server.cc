@@ -284,7 +284,9 @@ void Server::Impl::SendReply(const Frame& identity, Reply reply, std::vector<Pay
   out.push_back(Payload::Copy(protocol::EncodeReply(reply)));
   for (auto& p : payloads) out.push_back(std::move(p));
   Status s = socket_->Send(std::move(out), std::chrono::milliseconds(1000));
-  if (!s.ok()) DV_LOG(kWarning) << "reply to request " << reply.request_id << " lost: " << s;
+  if (!s.ok()) {
+    DV_LOG(kWarning) << "reply to request " << reply.request_id << " lost: " << s;
+  }
 }
 
 void Server::Impl::SendError(const Frame& identity, uint64_t request_id, const Status& status) {
@@ -398,10 +400,11 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
           s = HandleSetMode(req);
         } else if constexpr (std::is_same_v<T, protocol::SetLearningRate>) {
           s = store_.SetLearningRate(body.variable, body.learning_rate);
-          if (s.ok())
+          if (s.ok()) {
             DV_LOG(kInfo) << "learning rate of "
                           << (body.variable.empty() ? "every variable" : "'" + body.variable + "'")
                           << " set to " << body.learning_rate;
+          }
         } else if constexpr (std::is_same_v<T, protocol::Checkpoint>) {
           s = UnimplementedError("checkpoints are not supported by this server yet");
         } else if constexpr (std::is_same_v<T, protocol::Stats>) {
@@ -618,8 +621,10 @@ void Server::Impl::ApplyCompleted(const CompletedClock& done) {
       }
       s = VariableStore::ApplySparse(v, rows, vals.data(), grad_scale, 1.0f);
     }
-    if (!s.ok()) DV_LOG(kError) << "applying clock " << done.clock << " of '" << cu.variable
-                                << "' failed: " << s;
+    if (!s.ok()) {
+      DV_LOG(kError) << "applying clock " << done.clock << " of '" << cu.variable
+                     << "' failed: " << s;
+    }
     clock_it->second.erase(var_it);
   }
   if (clock_it != accum_.end() && clock_it->second.empty()) accum_.erase(clock_it);
