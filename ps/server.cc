@@ -201,7 +201,12 @@ class Server::Impl {
 
   Status HandleHello(const Frame& identity, const Request& req);
   Status HandleCreate(const Request& req, const InMessage& msg);
-  Status HandlePush(const Request& req, const InMessage& msg);
+  // Validates and routes a push. On success it acknowledges the push first
+  // and then applies it (the reply is on its way while the optimizer runs,
+  // so the apply overlaps the client's next transfer; requests behind it in
+  // the socket are handled after the apply, so a later pull reflects it).
+  // On error nothing is applied and nothing is sent: the caller replies.
+  Status HandlePush(const Frame& identity, const Request& req, const InMessage& msg);
   void HandlePull(const Frame& identity, Request& req, InMessage& msg);
   Status ValidatePull(const protocol::Pull& pull, const InMessage& msg);
   void AnswerPull(const Held& held);
@@ -233,6 +238,8 @@ class Server::Impl {
   std::unordered_map<uint64_t, Held> held_pulls_;
   // BSP accumulations: clock -> variable -> worker -> contributions.
   std::map<int64_t, std::map<std::string, std::map<int32_t, std::vector<Contribution>>>> accum_;
+  // BSP: per-variable buffers the contributions of a clock are summed in.
+  std::unordered_map<std::string, std::unique_ptr<Tensor>> sum_buffers_;
   // Barriers (shard 0): name -> waiting workers.
   std::map<std::string, std::map<int32_t, Held>> barriers_;
 };
@@ -376,7 +383,8 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
         } else if constexpr (std::is_same_v<T, protocol::CreateVariable>) {
           s = HandleCreate(req, msg);
         } else if constexpr (std::is_same_v<T, protocol::Push>) {
-          s = HandlePush(req, msg);
+          s = HandlePush(identity, req, msg);
+          answered = s.ok();
         } else if constexpr (std::is_same_v<T, protocol::Pull>) {
           HandlePull(identity, req, msg);
           answered = true;
@@ -489,7 +497,8 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
   return OkStatus();
 }
 
-Status Server::Impl::HandlePush(const Request& req, const InMessage& msg) {
+Status Server::Impl::HandlePush(const Frame& identity, const Request& req,
+                                const InMessage& msg) {
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
@@ -515,41 +524,39 @@ Status Server::Impl::HandlePush(const Request& req, const InMessage& msg) {
     }
     vars.push_back(v);
   }
-  // 2. Route: apply now (async / SSP) or keep for the clock (BSP).
+  // 2. Route: apply now (async / SSP, control clients) or keep for the
+  // clock (BSP). The controller decides before the acknowledgement, so its
+  // errors (a stale clock, a dropped worker) still reach the sender.
+  PushPlan plan;
+  float lr_scale = 1.0f;
   if (req.worker_id < 0) {
     // A control client's push applies at once (e.g. a tool loading values).
-    for (size_t i = 0; i < push.updates.size(); ++i) {
-      const auto& u = push.updates[i];
-      FloatPayload g = ToFloats(u.values, msg[u.values.frame]);
-      if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
-        DV_RETURN_IF_ERROR(
-            VariableStore::ApplyDense(*vars[i], *range, g.values.data(), 1.f, 1.f, runner_));
-      } else {
-        DV_RETURN_IF_ERROR(
-            VariableStore::ApplySparse(*vars[i], sparse_rows[i], g.values.data(), 1.f, 1.f));
-      }
-    }
-    return OkStatus();
+    plan.routes.assign(push.updates.size(), PushRoute::kApplyNow);
+  } else {
+    std::vector<std::string_view> names;
+    names.reserve(vars.size());
+    for (Variable* v : vars) names.push_back(v->name());
+    DV_ASSIGN_OR_RETURN(plan,
+                        controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
+    if (stale_aware_lr_) lr_scale = 1.0f / (1.0f + static_cast<float>(plan.staleness));
   }
-  std::vector<std::string_view> names;
-  names.reserve(vars.size());
-  for (Variable* v : vars) names.push_back(v->name());
-  DV_ASSIGN_OR_RETURN(PushPlan plan,
-                      controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
-  const float lr_scale =
-      stale_aware_lr_ ? 1.0f / (1.0f + static_cast<float>(plan.staleness)) : 1.0f;
+  // 3. Acknowledge: the push is validated and queued in arrival order.
+  SendReply(identity, NewReply(req.request_id));
+  // 4. Apply (or keep) it, then act on what the push completed.
   for (size_t i = 0; i < push.updates.size(); ++i) {
     const auto& u = push.updates[i];
     Variable* v = vars[i];
     FloatPayload g = ToFloats(u.values, msg[u.values.frame]);
-    const float grad_scale = 1.0f;
     if (plan.routes[i] == PushRoute::kApplyNow) {
+      Status s;
       if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
-        DV_RETURN_IF_ERROR(VariableStore::ApplyDense(*v, *range, g.values.data(), grad_scale,
-                                                     lr_scale, runner_));
+        s = VariableStore::ApplyDense(*v, *range, g.values.data(), 1.0f, lr_scale, runner_);
       } else {
-        DV_RETURN_IF_ERROR(VariableStore::ApplySparse(*v, sparse_rows[i], g.values.data(),
-                                                      grad_scale, lr_scale));
+        s = VariableStore::ApplySparse(*v, sparse_rows[i], g.values.data(), 1.0f, lr_scale);
+      }
+      // Validated above, so this cannot fail; say so loudly if it ever does.
+      if (!s.ok()) {
+        DV_LOG(kError) << "applying an acknowledged push to '" << v->name() << "' failed: " << s;
       }
     } else {
       Contribution c;
@@ -586,11 +593,28 @@ void Server::Impl::ApplyCompleted(const CompletedClock& done) {
     for (const auto& [w, list] : by_worker)
       for (const auto& c : list) any_dense |= !c.sparse;
     Status s;
-    if (any_dense) {
+    // The common case of one worker (or one contributor) whose gradient
+    // covers the whole shard: apply straight from the received frame.
+    const Contribution* lone = nullptr;
+    size_t count = 0;
+    for (int32_t w : cu.contributors) {
+      auto it = by_worker.find(w);
+      if (it == by_worker.end()) continue;
+      count += it->second.size();
+      if (!it->second.empty()) lone = &it->second.front();
+    }
+    if (count == 1 && !lone->sparse && lone->rows == v.rows()) {
+      s = VariableStore::ApplyDense(v, v.rows(), lone->values.data(), grad_scale, 1.0f, runner_);
+    } else if (any_dense) {
       // Sum every contribution into one shard-sized gradient, in worker
-      // index order (then arrival order): bit-for-bit repeatable.
-      Tensor sum(DType::kF32, v.shard_shape());
-      float* dst = sum.data_as<float>();
+      // index order (then arrival order): bit-for-bit repeatable. The sum
+      // buffer is kept per variable (no allocation per clock).
+      std::unique_ptr<Tensor>& sum = sum_buffers_[cu.variable];
+      if (!sum || sum->shape() != v.shard_shape())
+        sum = std::make_unique<Tensor>(DType::kF32, v.shard_shape());
+      float* dst = sum->data_as<float>();
+      if (v.num_elements() > 0)
+        std::memset(dst, 0, static_cast<size_t>(v.num_elements()) * sizeof(float));
       for (int32_t w : cu.contributors) {
         auto it = by_worker.find(w);
         if (it == by_worker.end()) continue;
