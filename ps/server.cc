@@ -497,8 +497,7 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
   return OkStatus();
 }
 
-Status Server::Impl::HandlePush(const Frame& identity, const Request& req,
-                                const InMessage& msg) {
+Status Server::Impl::HandlePush(const Frame& identity, const Request& req, const InMessage& msg) {
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
