@@ -157,6 +157,16 @@ FloatPayload ToFloats(const protocol::TensorRef& ref, const Frame& frame) {
   return out;
 }
 
+// Makes every frame of `msg` complete (see transport::Frame::streaming):
+// waits for streaming ones, reads ring ones through into owned storage.
+Status WaitComplete(InMessage& msg) {
+  for (Frame& f : msg) {
+    if (!f.streaming()) continue;
+    DV_ASSIGN_OR_RETURN(f, f.Materialized());
+  }
+  return OkStatus();
+}
+
 std::vector<int64_t> ToIndices(const protocol::TensorRef& ref, const Frame& frame) {
   std::vector<int64_t> idx(static_cast<size_t>(ref.num_elements()));
   if (!idx.empty()) std::memcpy(idx.data(), frame.data(), idx.size() * sizeof(int64_t));
@@ -206,7 +216,7 @@ class Server::Impl {
   // so the apply overlaps the client's next transfer; requests behind it in
   // the socket are handled after the apply, so a later pull reflects it).
   // On error nothing is applied and nothing is sent: the caller replies.
-  Status HandlePush(const Frame& identity, const Request& req, const InMessage& msg);
+  Status HandlePush(const Frame& identity, const Request& req, InMessage& msg);
   void HandlePull(const Frame& identity, Request& req, InMessage& msg);
   Status ValidatePull(const protocol::Pull& pull, const InMessage& msg);
   void AnswerPull(const Held& held);
@@ -232,7 +242,12 @@ class Server::Impl {
   bool shutdown_requested_ = false;
   bool stale_aware_lr_ = false;
 
-  VariableStore store_;
+  // Parameter buffers: in shared memory when co-located workers may read
+  // them (ServerOptions::shared_memory), else ordinary Tensors.
+  std::shared_ptr<Tensor> AllocateParams(const Shape& shape);
+
+  VariableStore store_{[this](const Shape& shape) { return AllocateParams(shape); }};
+  bool shm_warned_ = false;
   std::unique_ptr<ConsistencyController> controller_;
   uint64_t next_ticket_ = 1;
   std::unordered_map<uint64_t, Held> held_pulls_;
@@ -268,12 +283,36 @@ Status Server::Impl::Init() {
   so.max_message_bytes = o.max_message_bytes;
   so.router_mandatory = true;
   so.linger_ms = 0;
+  so.shared_memory = o.shared_memory;
+  so.shared_memory_min_bytes = o.shared_memory_min_bytes;
+  // A co-located worker's gradient may still be arriving when its push is
+  // handled: dense applies consume it as it comes (ApplyDenseStreaming);
+  // everything else waits for its frames first (WaitComplete).
+  so.shared_memory_early_receive = true;
   DV_ASSIGN_OR_RETURN(socket_,
                       transport::Socket::Create(*context_, transport::SocketType::kRouter, so));
   DV_ASSIGN_OR_RETURN(endpoint_, socket_->Bind(o.bind));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
   return OkStatus();
+}
+
+std::shared_ptr<Tensor> Server::Impl::AllocateParams(const Shape& shape) {
+  const size_t bytes = static_cast<size_t>(shape.num_elements()) * sizeof(float);
+  if (!options_.shared_memory || bytes < options_.shared_memory_min_bytes || !context_)
+    return nullptr;  // an ordinary Tensor
+  auto segment = transport::SharedSegment::Create(bytes);
+  if (!segment.ok()) {
+    if (!shm_warned_) {
+      DV_LOG(kWarning) << "parameters stay out of shared memory (co-located pulls copy once "
+                       << "more): " << segment.status();
+      shm_warned_ = true;
+    }
+    return nullptr;
+  }
+  context_->shared_memory().Add(*segment);
+  std::byte* data = (*segment)->data();
+  return std::make_shared<Tensor>(DType::kF32, shape, data, std::move(*segment));
 }
 
 Reply Server::Impl::NewReply(uint64_t request_id) const {
@@ -368,6 +407,14 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
     Status hb = controller_->OnHeartbeat(req.worker_id);
     if (!hb.ok()) {
       SendError(identity, req.request_id, hb);
+      return;
+    }
+  }
+  if (!std::holds_alternative<protocol::Push>(req.body)) {
+    // Only pushes read their frames as they arrive.
+    Status complete = WaitComplete(msg);
+    if (!complete.ok()) {
+      SendError(identity, req.request_id, complete);
       return;
     }
   }
@@ -497,7 +544,7 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
   return OkStatus();
 }
 
-Status Server::Impl::HandlePush(const Frame& identity, const Request& req, const InMessage& msg) {
+Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMessage& msg) {
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
@@ -516,6 +563,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, const
       const auto& idx = std::get<protocol::TensorRef>(u.rows);
       DV_RETURN_IF_ERROR(
           VariableStore::ValidateSparseIndices(*v, idx.dtype, std::span<const int64_t>(idx.shape)));
+      DV_ASSIGN_OR_RETURN(msg[idx.frame], msg[idx.frame].Materialized());
       sparse_rows[i] = ToIndices(idx, msg[idx.frame]);
       DV_RETURN_IF_ERROR(VariableStore::ValidateSparseRows(*v, sparse_rows[i]));
       DV_RETURN_IF_ERROR(VariableStore::ValidateSparsePayload(
@@ -545,10 +593,41 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, const
   for (size_t i = 0; i < push.updates.size(); ++i) {
     const auto& u = push.updates[i];
     Variable* v = vars[i];
-    FloatPayload g = ToFloats(u.values, msg[u.values.frame]);
+    Frame& frame = msg[u.values.frame];
+    const auto* range = std::get_if<protocol::RowRange>(&u.rows);
+    if (plan.routes[i] == PushRoute::kApplyNow && range != nullptr && frame.streaming() &&
+        u.values.encoding == protocol::Encoding::kRaw && frame.window_limit() >= sizeof(float)) {
+      // A co-located worker is still copying this gradient into shared
+      // memory: apply each piece as soon as it is there, while it is hot in
+      // cache.
+      const int64_t piece =
+          static_cast<int64_t>(std::min<size_t>(frame.window_limit(), 256 * 1024) / sizeof(float));
+      Status s = VariableStore::ApplyDenseStreaming(
+          *v, *range, piece,
+          [&frame](int64_t begin, int64_t n) -> StatusOr<const float*> {
+            DV_ASSIGN_OR_RETURN(const std::byte* p,
+                                frame.Window(static_cast<size_t>(begin) * sizeof(float),
+                                             static_cast<size_t>(n) * sizeof(float)));
+            return reinterpret_cast<const float*>(p);
+          },
+          1.0f, lr_scale, runner_);
+      if (!s.ok()) {
+        DV_LOG(kError) << "gradient for '" << v->name() << "' from worker " << req.worker_id
+                       << " stopped arriving; the rest of the step is lost: " << s;
+      }
+      continue;
+    }
+    if (auto complete = frame.Materialized(); complete.ok()) {
+      frame = std::move(*complete);
+    } else {
+      DV_LOG(kError) << "gradient for '" << v->name() << "' from worker " << req.worker_id
+                     << " never arrived: " << complete.status();
+      continue;
+    }
+    FloatPayload g = ToFloats(u.values, frame);
     if (plan.routes[i] == PushRoute::kApplyNow) {
       Status s;
-      if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
+      if (range != nullptr) {
         s = VariableStore::ApplyDense(*v, *range, g.values.data(), 1.0f, lr_scale, runner_);
       } else {
         s = VariableStore::ApplySparse(*v, sparse_rows[i], g.values.data(), 1.0f, lr_scale);
