@@ -193,6 +193,9 @@ class Client::Impl {
   void HandleMessage(int shard, InMessage& msg);
   void CompleteOne(Pending& p, const Status& s);
   void SendHeartbeats();
+  // Copies the sockets' shared-memory counters into stats_. REQUIRES: the
+  // lease is held.
+  void UpdateSharedMemoryStats();
   // Gives the lease back and wakes the background thread when work is left:
   // at once when commands are queued or `leave_now` (a waiter left while
   // other requests are in flight), else after kTakeoverDelay.
@@ -244,6 +247,7 @@ Status Client::Impl::Start() {
   transport::SocketOptions so;
   so.max_message_bytes = options_.max_message_bytes;
   so.linger_ms = 0;
+  so.shared_memory = options_.shared_memory;
   for (size_t i = 0; i < options_.ps_endpoints.size(); ++i) {
     DV_ASSIGN_OR_RETURN(auto sock,
                         transport::Socket::Create(*context_, transport::SocketType::kDealer, so));
@@ -458,6 +462,20 @@ void Client::Impl::SendHeartbeats() {
   }
 }
 
+void Client::Impl::UpdateSharedMemoryStats() {
+  if (!options_.shared_memory) return;
+  int shards = 0;
+  int64_t bytes = 0;
+  for (transport::Socket* s : socket_ptrs_) {
+    const transport::SharedMemoryStats st = s->shared_memory_stats();
+    shards += st.active ? 1 : 0;
+    bytes += st.bytes_sent + st.bytes_received;
+  }
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  stats_.shared_memory_shards = shards;
+  stats_.shared_memory_bytes = bytes;
+}
+
 void Client::Impl::IoStep(std::chrono::milliseconds poll_timeout) {
   SendQueued();
   const int fds[1] = {wake_fd_};
@@ -484,6 +502,7 @@ void Client::Impl::IoStep(std::chrono::milliseconds poll_timeout) {
   }
   SendQueued();
   SendHeartbeats();
+  UpdateSharedMemoryStats();
 }
 
 void Client::Impl::Run() {

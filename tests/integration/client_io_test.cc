@@ -22,8 +22,10 @@ namespace {
 using testing::LocalCluster;
 using testing::LocalClusterOptions;
 
-std::unique_ptr<Client> Connect(const LocalCluster& c, int index, int num_workers) {
+std::unique_ptr<Client> Connect(const LocalCluster& c, int index, int num_workers,
+                                bool shared_memory = true) {
   ClientOptions o;
+  o.shared_memory = shared_memory;
   o.ps_endpoints = c.endpoints();
   o.worker_index = index;
   o.num_workers = num_workers;
@@ -182,6 +184,53 @@ TEST(ClientIoTest, DestroyingTheClientCancelsARequestInFlight) {
   client.reset();
   Status s = held.Wait(std::chrono::milliseconds(5000));
   EXPECT_EQ(s.code(), StatusCode::kCancelled) << s;
+}
+
+// The co-located path (shared memory, gradients streamed into the server's
+// apply) computes exactly what the ZeroMQ path computes.
+TEST(ClientIoTest, SharedMemoryAndTcpGiveTheSameParametersBitForBit) {
+  LocalClusterOptions co = AsyncCluster(1, 1);
+  auto with_shm = LocalCluster::Start(co);
+  co.extra_args = {"--no-shared-memory"};
+  auto without = LocalCluster::Start(co);
+  ASSERT_TRUE(with_shm.ok()) << with_shm.status();
+  ASSERT_TRUE(without.ok()) << without.status();
+  auto a = Connect(*with_shm, 0, 1, /*shared_memory=*/true);
+  auto b = Connect(*without, 0, 1, /*shared_memory=*/true);  // offers, is refused
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  constexpr int64_t kBig = 3 << 20, kSmall = 1000;  // 12 MiB (ring), 4 KB (ZeroMQ)
+  VariableOptions vo;
+  vo.initializer = {5, protocol::InitGlorotUniform{}};
+  vo.optimizer.kind = protocol::OptimizerKind::kAdam;
+  vo.optimizer.learning_rate = 1e-3;
+  for (Client* c : {a.get(), b.get()}) {
+    ASSERT_TRUE(c->CreateVariable("big", DType::kF32, Shape{kBig}, vo).ok());
+    ASSERT_TRUE(c->CreateVariable("small", DType::kF32, Shape{kSmall}, vo).ok());
+  }
+  std::vector<float> g_big(kBig), g_small(kSmall);
+  for (int step = 0; step < 4; ++step) {
+    for (int64_t i = 0; i < kBig; ++i) g_big[i] = static_cast<float>((i * 7 + step) % 13) - 6.f;
+    for (int64_t i = 0; i < kSmall; ++i) g_small[i] = static_cast<float>(i % 5) - 2.f;
+    for (Client* c : {a.get(), b.get()})
+      ASSERT_TRUE(c->Push({{"big", g_big}, {"small", g_small}}).Wait().ok());
+  }
+  std::vector<float> pa(kBig), pb(kBig), sa(kSmall), sb(kSmall);
+  ASSERT_TRUE(a->Pull({{"big", pa}, {"small", sa}}).Wait().ok());
+  ASSERT_TRUE(b->Pull({{"big", pb}, {"small", sb}}).Wait().ok());
+  ASSERT_EQ(pa, pb);
+  ASSERT_EQ(sa, sb);
+  // One optimizer step per push, whichever path the bytes took.
+  for (Client* c : {a.get(), b.get()}) {
+    auto stats = c->Stats();
+    ASSERT_TRUE(stats.ok());
+    for (const auto& var : (*stats)[0].variables) EXPECT_EQ(var.version, 4u) << var.name;
+  }
+  // The first really went through shared memory, the second did not.
+  EXPECT_EQ(a->stats().shared_memory_shards, 1);
+  EXPECT_GE(a->stats().shared_memory_bytes, 4 * kBig * 4 + kBig * 4);
+  EXPECT_EQ(b->stats().shared_memory_shards, 0);
+  EXPECT_EQ(b->stats().shared_memory_bytes, 0);
 }
 
 }  // namespace

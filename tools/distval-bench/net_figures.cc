@@ -26,12 +26,16 @@ std::optional<Floor> TransferFloor(int64_t size) {
   return std::nullopt;
 }
 
+// `shared_memory`: the co-located path (figure 7); off for the figures that
+// measure the network path against raw ZeroMQ over TCP.
 StatusOr<std::unique_ptr<Client>> ConnectClient(const std::vector<std::string>& endpoints,
-                                                int worker_index, int num_workers) {
+                                                int worker_index, int num_workers,
+                                                bool shared_memory = false) {
   ClientOptions o;
   o.ps_endpoints = endpoints;
   o.worker_index = worker_index;
   o.num_workers = num_workers;
+  o.shared_memory = shared_memory;
   o.connect_timeout = std::chrono::milliseconds(20000);
   return Client::Connect(o);
 }
@@ -294,7 +298,7 @@ Status RunSmallRequestFigures(const BenchConfig& config, Report* report) {
 Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
                            Report* report) {
   DV_ASSIGN_OR_RETURN(PsCluster ps, StartPs(config, "colocated", 1, 1, "async"));
-  DV_ASSIGN_OR_RETURN(auto client, ConnectClient(ps.endpoints, 0, 1));
+  DV_ASSIGN_OR_RETURN(auto client, ConnectClient(ps.endpoints, 0, 1, /*shared_memory=*/true));
   for (int64_t size : sizes) {
     const std::string name = VarName("c", size);
     DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, size));
