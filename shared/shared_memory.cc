@@ -61,10 +61,12 @@ StatusOr<std::shared_ptr<SharedSegment>> SharedSegment::Create(size_t bytes) {
   if (fd < 0) return MapError(errno, "shm_open " + seg->name_);
   seg->owner_ = true;
   seg->linked_ = true;  // from here on the destructor unlinks it
-  if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
-    const int err = errno;
+  // Reserve the pages now: /dev/shm is a tmpfs that may be small (64 MiB in
+  // a default container), and a sparse object would only fail later, with
+  // SIGBUS on first touch. posix_fallocate fails cleanly (ENOSPC) instead.
+  if (const int err = posix_fallocate(fd, 0, static_cast<off_t>(size)); err != 0) {
     close(fd);
-    return MapError(err, "ftruncate " + seg->name_ + " to " + std::to_string(size) + " bytes");
+    return MapError(err, "reserving " + std::to_string(size) + " bytes for " + seg->name_);
   }
   void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   const int err = errno;

@@ -28,8 +28,9 @@ namespace distval::transport {
 class SharedSegment {
  public:
   // Creates and maps (read-write) a new zero-filled segment of at least
-  // `bytes` bytes (rounded up to whole pages; `bytes` > 0). Its data() is
-  // page aligned. ResourceExhausted when /dev/shm or the address space is
+  // `bytes` bytes (rounded up to whole pages; `bytes` > 0), its memory
+  // reserved up front (so a full /dev/shm fails here, not later). Its data()
+  // is page aligned. ResourceExhausted when /dev/shm or the address space is
   // full; InvalidArgument for 0 bytes; Internal for other failures.
   static StatusOr<std::shared_ptr<SharedSegment>> Create(size_t bytes);
   // Maps (read-write) the existing segment `name`, made by Create in another
