@@ -2,8 +2,10 @@
 
 #include <arpa/inet.h>
 #include <ifaddrs.h>
+#include <linux/futex.h>
 #include <netdb.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -28,7 +30,8 @@ constexpr uint32_t kNumLeases = 16384;
 constexpr size_t kControlHeaderBytes = 64;
 constexpr size_t kProgressOffset = kControlHeaderBytes + 4 * size_t{kNumLeases};
 constexpr size_t kConsumedOffset = kProgressOffset + 8 * size_t{kNumLeases};
-constexpr size_t kControlBytes = kConsumedOffset + 8 * size_t{kNumLeases};
+constexpr size_t kWaitersOffset = kConsumedOffset + 8 * size_t{kNumLeases};
+constexpr size_t kControlBytes = kWaitersOffset + 4 * size_t{kNumLeases};
 // The ring a large frame streams through to a receiver that reads it as it
 // comes (SocketOptions::shared_memory_early_receive): small enough to stay
 // in cache, in slots of the size the receiver reads at once.
@@ -76,29 +79,9 @@ uint64_t* ProgressOf(const SharedSegment& control, uint32_t index) {
 uint64_t* ConsumedOf(const SharedSegment& control, uint32_t index) {
   return reinterpret_cast<uint64_t*>(control.data() + kConsumedOffset + 8 * size_t{index});
 }
-
-// Spins briefly, then yields, then sleeps: for waits on another process that
-// is normally busy producing or consuming right now.
-class Backoff {
- public:
-  void Wait() {
-    ++n_;
-    if (n_ < 64) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-    } else if (n_ < 4096) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-  // Every so often (to check deadlines and liveness).
-  bool Due() const { return n_ % 1024 == 0; }
-
- private:
-  uint64_t n_ = 0;
-};
+uint32_t* WaitersOf(const SharedSegment& control, uint32_t index) {
+  return reinterpret_cast<uint32_t*>(control.data() + kWaitersOffset + 4 * size_t{index});
+}
 
 bool StartsWith(std::span<const std::byte> bytes, const Magic& magic) {
   return bytes.size() >= magic.size() && std::memcmp(bytes.data(), magic.data(), magic.size()) == 0;
@@ -172,10 +155,66 @@ struct ReferenceHolder {
   std::shared_ptr<SharedSegment> segment;
   std::shared_ptr<SharedSegment> control;  // the sender's
   uint32_t lease = 0;
-  ~ReferenceHolder() { LeaseFlag(*control, lease).store(0, std::memory_order_release); }
+  bool ring = false;
+  ~ReferenceHolder() {
+    LeaseFlag(*control, lease).store(0, std::memory_order_seq_cst);
+    // A sender waiting for ring space must not wait for us any longer.
+    if (ring)
+      Publish(ConsumedOf(*control, lease), ~uint64_t{0} >> 1, WaitersOf(*control, lease),
+              kWriterWaits);
+  }
 };
 
+long Futex(uint32_t* word, int op, uint32_t value, const timespec* timeout) {
+  return syscall(SYS_futex, word, op, value, timeout, nullptr, 0);
+}
+
 }  // namespace
+
+void Publish(uint64_t* counter, uint64_t value, uint32_t* waiters, uint32_t bit) {
+  std::atomic_ref<uint64_t>(*counter).store(value, std::memory_order_seq_cst);
+  if ((std::atomic_ref<uint32_t>(*waiters).load(std::memory_order_seq_cst) & bit) != 0) {
+    // Wake every waiter on the counter's low word (processes share it: not
+    // a private futex).
+    Futex(reinterpret_cast<uint32_t*>(counter), FUTEX_WAKE, INT32_MAX, nullptr);
+  }
+}
+
+bool Await(uint64_t* counter, uint32_t* waiters, uint32_t bit, const std::function<bool()>& ready,
+           Clock::time_point deadline, const std::function<bool()>& alive) {
+  // The other side normally publishes within microseconds: spin first,
+  // then yield (it may be waiting for our CPU), and only then sleep (a
+  // wake-up costs tens of microseconds on a virtual machine).
+  const auto spin_until = Clock::now() + std::chrono::microseconds(300);
+  for (int i = 0;; ++i) {
+    if (ready()) return true;
+    if (i < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      continue;
+    }
+    if ((i & 15) == 0 && Clock::now() >= spin_until) break;
+    std::this_thread::yield();
+  }
+  std::atomic_ref<uint32_t> w(*waiters);
+  std::atomic_ref<uint32_t> low(*reinterpret_cast<uint32_t*>(counter));
+  for (;;) {
+    const uint32_t seen = low.load(std::memory_order_seq_cst);
+    w.fetch_or(bit, std::memory_order_seq_cst);
+    if (ready()) {
+      w.fetch_and(~bit, std::memory_order_seq_cst);
+      return true;
+    }
+    // Sleeps only if the counter has not moved since `seen` (no lost
+    // wake-up: Publish stores before it checks the waiter bit).
+    const timespec slice{0, 10 * 1000 * 1000};
+    Futex(reinterpret_cast<uint32_t*>(counter), FUTEX_WAIT, seen, &slice);
+    w.fetch_and(~bit, std::memory_order_seq_cst);
+    if (ready()) return true;
+    if (Clock::now() >= deadline || !alive()) return false;
+  }
+}
 
 SocketShm::SocketShm(SocketType type, const SocketOptions& options,
                      const SharedMemoryRegistry* registry)
@@ -431,9 +470,14 @@ SocketShm::SendPlan SocketShm::PrepareSend(OutMessage& message) {
     // right now (the receiver acknowledges before it has read everything):
     // wait a little for it rather than fall back to a full-size copy.
     const auto give_up = Clock::now() + std::chrono::milliseconds(20);
-    Backoff backoff;
-    while (ring_busy_ && Clock::now() < give_up) {
-      backoff.Wait();
+    for (int spins = 0; ring_busy_ && Clock::now() < give_up; ++spins) {
+      if (spins < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
       Reclaim();
     }
   }
@@ -495,6 +539,7 @@ SocketShm::SendPlan SocketShm::PrepareSend(OutMessage& message) {
       }
       std::atomic_ref<uint64_t>(*ProgressOf(*control_, *lease)).store(0, std::memory_order_relaxed);
       std::atomic_ref<uint64_t>(*ConsumedOf(*control_, *lease)).store(0, std::memory_order_relaxed);
+      std::atomic_ref<uint32_t>(*WaitersOf(*control_, *lease)).store(0, std::memory_order_relaxed);
       // Copied after the message has gone (FinishCopies); keep the source.
       plan.copies.push_back(SendPlan::Copy{destination, *lease, ring, std::move(p)});
       p = Payload::Borrow(nullptr, 0, nullptr);
@@ -525,42 +570,49 @@ void SocketShm::FinishCopies(SendPlan& plan) {
   // far it has read the ring.
   for (SendPlan::Copy& c : plan.copies) {
     if (c.ring) continue;
-    std::atomic_ref<uint64_t> progress(*ProgressOf(*control_, c.lease));
+    uint64_t* progress = ProgressOf(*control_, c.lease);
+    uint32_t* waiters = WaitersOf(*control_, c.lease);
     const size_t n = c.source.size_;
     for (size_t done = 0; done < n;) {
       const size_t step = std::min(kCopyChunk, n - done);
       std::memcpy(c.destination + done, c.source.data_ + done, step);
       done += step;
-      progress.store(done, std::memory_order_release);
+      Publish(progress, done, waiters, kReaderWaits);
     }
     c.source = Payload::Borrow(nullptr, 0, nullptr);  // the source's owner goes now
   }
   for (SendPlan::Copy& c : plan.copies) {
     if (!c.ring) continue;
-    std::atomic_ref<uint64_t> progress(*ProgressOf(*control_, c.lease));
-    std::atomic_ref<uint64_t> consumed(*ConsumedOf(*control_, c.lease));
+    uint64_t* progress = ProgressOf(*control_, c.lease);
+    uint64_t* consumed = ConsumedOf(*control_, c.lease);
+    uint32_t* waiters = WaitersOf(*control_, c.lease);
+    std::atomic_ref<uint32_t> flag = LeaseFlag(*control_, c.lease);
+    const int peer = leases_[c.lease].peer_pid;
     const size_t n = c.source.size_;
     const size_t ring = ring_->size();
     for (size_t done = 0; done < n;) {
-      const size_t step = std::min(kRingSlot, n - done);
-      // The slot is free once the reader has moved past its last contents.
-      Backoff backoff;
-      bool gone = false;
-      while (done + step > consumed.load(std::memory_order_acquire) + ring) {
-        if (LeaseFlag(*control_, c.lease).load(std::memory_order_acquire) == 0) {
-          gone = true;  // the reader dropped the frame: nobody wants the rest
-          break;
-        }
-        backoff.Wait();
-        if (backoff.Due() && PeerGone(leases_[c.lease].peer_pid)) {
-          gone = true;
-          break;
-        }
+      const size_t step = std::min(kCopyChunk, n - done);
+      // The slot is free once the reader has moved past its last contents;
+      // a reader that dropped the frame wants nothing more.
+      bool dropped = false;
+      auto space = [&](size_t needed) {
+        dropped = flag.load(std::memory_order_seq_cst) == 0;
+        return dropped ||
+               done + needed <=
+                   std::atomic_ref<uint64_t>(*consumed).load(std::memory_order_acquire) + ring;
+      };
+      // When the ring is full, wait until half of it is free again (fewer
+      // hand-offs; the reader still has half a ring to work on meanwhile).
+      if (!space(step) &&
+          (!Await(
+               consumed, waiters, kWriterWaits, [&] { return space(std::max(step, ring / 2)); },
+               Clock::time_point::max(), [peer] { return !PeerGone(peer); }) ||
+           dropped)) {
+        break;
       }
-      if (gone) break;
       std::memcpy(c.destination + done % ring, c.source.data_ + done, step);
       done += step;
-      progress.store(done, std::memory_order_release);
+      Publish(progress, done, waiters, kReaderWaits);
     }
     c.source = Payload::Borrow(nullptr, 0, nullptr);
   }
@@ -657,6 +709,7 @@ void SocketShm::Resolve(InMessage& message) {
     f.size_ = static_cast<size_t>(size);
     if ((flags & kStreamed) != 0) {
       f.progress_ = ProgressOf(*control, lease);
+      f.waiters_ = WaitersOf(*control, lease);
       f.stream_pid_ = HeaderOf(*control).pid;
     }
     if ((flags & kRing) != 0) {
@@ -665,6 +718,7 @@ void SocketShm::Resolve(InMessage& message) {
         ok = false;
         break;
       }
+      holder->ring = true;
       f.data_ = nullptr;
       f.ring_ = holder->segment->data();
       f.ring_bytes_ = ring;

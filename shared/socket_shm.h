@@ -41,6 +41,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -51,6 +52,21 @@
 #include "distval/transport.h"
 
 namespace distval::transport::internal {
+
+// Waiting on a counter in shared memory that another process advances (the
+// bytes of a streamed frame, how far a reader has read a ring). A waiter
+// spins briefly, then announces itself with `bit` in *waiters and sleeps on
+// the counter (a futex on its low 32 bits); whoever advances the counter
+// (Publish) wakes it. Sleeps are cut into slices so that the waiter notices a
+// deadline or a dead peer.
+inline constexpr uint32_t kReaderWaits = 1;  // for more bytes
+inline constexpr uint32_t kWriterWaits = 2;  // for ring space
+// Stores `value` into *counter and wakes a waiter announced with `bit`.
+void Publish(uint64_t* counter, uint64_t value, uint32_t* waiters, uint32_t bit);
+// Waits until ready() (a check of shared state that only grows true).
+// Returns false when `deadline` passes or alive() turns false first.
+bool Await(uint64_t* counter, uint32_t* waiters, uint32_t bit, const std::function<bool()>& ready,
+           std::chrono::steady_clock::time_point deadline, const std::function<bool()>& alive);
 
 class SocketShm {
  public:

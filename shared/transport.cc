@@ -388,33 +388,27 @@ Frame Frame::FromBytes(std::span<const std::byte> bytes) {
 Status Frame::WaitReady(size_t bytes, std::chrono::milliseconds timeout) const {
   if (progress_ == nullptr) return OkStatus();
   bytes = std::min(bytes, size_);
-  std::atomic_ref<uint64_t> progress(*const_cast<uint64_t*>(progress_));
-  if (progress.load(std::memory_order_acquire) >= bytes) return OkStatus();
-  const auto start = Clock::now();
-  for (uint64_t spins = 1;; ++spins) {
-    if (progress.load(std::memory_order_acquire) >= bytes) return OkStatus();
-    if (spins % 64 != 0) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-      continue;
-    }
-    // The sender copies at memory speed right after sending: yield rather
-    // than spin for long (it may share our core), and check now and then
-    // that it still exists.
-    std::this_thread::yield();
-    if (spins % 4096 == 0) {
-      if (Clock::now() - start > timeout)
-        return DeadlineExceededError("shared-memory frame: " + std::to_string(progress.load()) +
-                                     " of " + std::to_string(size_) + " bytes after " +
-                                     std::to_string(timeout.count()) + " ms");
-      if (stream_pid_ > 0 && kill(stream_pid_, 0) != 0 && errno == ESRCH)
-        return UnavailableError("shared-memory frame: the sending process " +
-                                std::to_string(stream_pid_) + " is gone after " +
-                                std::to_string(progress.load()) + " of " + std::to_string(size_) +
-                                " bytes");
-    }
-  }
+  uint64_t* counter = const_cast<uint64_t*>(progress_);
+  auto ready = [&] {
+    return std::atomic_ref<uint64_t>(*counter).load(std::memory_order_acquire) >= bytes;
+  };
+  if (ready()) return OkStatus();
+  bool gone = false;
+  const int pid = stream_pid_;
+  if (internal::Await(counter, waiters_, internal::kReaderWaits, ready, Clock::now() + timeout,
+                      [&gone, pid] {
+                        gone = pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
+                        return !gone;
+                      }))
+    return OkStatus();
+  const uint64_t have = std::atomic_ref<uint64_t>(*counter).load();
+  if (gone)
+    return UnavailableError("shared-memory frame: the sending process " + std::to_string(pid) +
+                            " is gone after " + std::to_string(have) + " of " +
+                            std::to_string(size_) + " bytes");
+  return DeadlineExceededError("shared-memory frame: " + std::to_string(have) + " of " +
+                               std::to_string(size_) + " bytes after " +
+                               std::to_string(timeout.count()) + " ms");
 }
 
 StatusOr<const std::byte*> Frame::Window(size_t offset, size_t length,
@@ -433,7 +427,8 @@ StatusOr<const std::byte*> Frame::Window(size_t offset, size_t length,
                                    std::to_string(length) + ") goes back or crosses a " +
                                    std::to_string(ring_slot_) + "-byte boundary");
   // Everything before `offset` is done with: the sender may overwrite it.
-  consumed.store(offset, std::memory_order_release);
+  if (offset > consumed.load(std::memory_order_relaxed))
+    internal::Publish(consumed_, offset, waiters_, internal::kWriterWaits);
   DV_RETURN_IF_ERROR(WaitReady(offset + length, timeout));
   return ring_ + offset % ring_bytes_;
 }
@@ -451,7 +446,7 @@ StatusOr<Frame> Frame::Materialized(std::chrono::milliseconds timeout) const {
     DV_ASSIGN_OR_RETURN(const std::byte* p, Window(offset, n, timeout));
     std::memcpy(buffer.get() + offset, p, n);
   }
-  std::atomic_ref<uint64_t>(*consumed_).store(size_, std::memory_order_release);
+  internal::Publish(consumed_, size_, waiters_, internal::kWriterWaits);
   Frame f;
   f.data_ = buffer.get();
   f.size_ = size_;

@@ -218,6 +218,7 @@ class Frame {
   // kept mapped by holder_) and the sender's pid. Ring frames: the ring, its
   // size and window size, and where the reader reports what it consumed.
   const uint64_t* progress_ = nullptr;
+  uint32_t* waiters_ = nullptr;  // who sleeps on the counters (see socket_shm.h)
   int stream_pid_ = 0;
   const std::byte* ring_ = nullptr;
   size_t ring_bytes_ = 0;
