@@ -120,7 +120,7 @@ int main(int argc, char** argv) {
     std::cerr << "distval-bench: --reps must be >= 5 (medians of at least 5 samples)\n";
     return 2;
   }
-  config.timing = config.quick ? SampleTiming{0.03, 3, 1} : SampleTiming{0.2, 5, 2};
+  config.timing = config.quick ? SampleTiming{0.1, 3, 1} : SampleTiming{0.3, 5, 2};
   if (seconds > 0) config.timing.min_seconds = seconds;
   if (config.quick && !app.count("--train-limit")) config.train_limit = 12000;
   if (access(config.ps_bin.c_str(), X_OK) != 0) {

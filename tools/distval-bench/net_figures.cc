@@ -97,6 +97,21 @@ StatusOr<double> ConcurrentOpsPerSecond(const std::vector<std::function<Status()
   return total / longest;
 }
 
+// --verbose: every sample, in microseconds per operation.
+void PrintSamples(const BenchConfig& config, const std::string& label,
+                  const std::vector<const char*>& names,
+                  const std::vector<std::vector<double>>& samples) {
+  if (!config.verbose) return;
+  for (size_t i = 0; i < samples.size() && i < names.size(); ++i) {
+    std::string line;
+    for (double x : samples[i]) {
+      line += ' ';
+      line += FormatValue(x * 1e6);
+    }
+    std::fprintf(stderr, "[bench] %s %s us:%s\n", label.c_str(), names[i], line.c_str());
+  }
+}
+
 }  // namespace
 
 Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
@@ -158,18 +173,7 @@ Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>&
                     .limit = raw_gbps,
                     .limit_name = "raw",
                     .floor = TransferFloor(size)});
-    if (config.verbose) {
-      const char* names[] = {"raw", "push", "pull"};
-      for (size_t i = 0; i < samples.size(); ++i) {
-        std::string line;
-        for (double x : samples[i]) {
-          line += ' ';
-          line += FormatValue(x * 1e6);
-        }
-        std::fprintf(stderr, "[bench] %s %s us:%s\n", SizeLabel(size).c_str(), names[i],
-                     line.c_str());
-      }
-    }
+    PrintSamples(config, SizeLabel(size), {"raw", "push", "pull"}, samples);
   }
   return OkStatus();
 }
@@ -328,7 +332,9 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
               config.timing);
         },
     };
-    DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps));
+    std::vector<std::vector<double>> samples;
+    DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
+    PrintSamples(config, "co-located " + SizeLabel(size), {"memcpy", "push", "pull"}, samples);
     const double memcpy_gbps = GBps(size, t[0]);
     std::optional<Floor> floor;
     if (size == 16 * kMiB) floor = Floor{Floor::Kind::kAtLeast, 0.70};
