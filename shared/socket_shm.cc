@@ -26,7 +26,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr uint32_t kVersion = 1;
-constexpr uint32_t kNumLeases = 16384;
+constexpr uint32_t kNumLeases = 4096;  // frames lent at once, per socket
 constexpr size_t kControlHeaderBytes = 64;
 constexpr size_t kProgressOffset = kControlHeaderBytes + 4 * size_t{kNumLeases};
 constexpr size_t kConsumedOffset = kProgressOffset + 8 * size_t{kNumLeases};
