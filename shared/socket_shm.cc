@@ -157,11 +157,13 @@ struct ReferenceHolder {
   uint32_t lease = 0;
   bool ring = false;
   ~ReferenceHolder() {
-    LeaseFlag(*control, lease).store(0, std::memory_order_seq_cst);
-    // A sender waiting for ring space must not wait for us any longer.
+    // A sender waiting for ring space must not wait for us any longer. This
+    // comes before the lease goes back: once the flag is 0 the sender may
+    // reuse the lease (and its counters) for another frame at once.
     if (ring)
       Publish(ConsumedOf(*control, lease), ~uint64_t{0} >> 1, WaitersOf(*control, lease),
               kWriterWaits);
+    LeaseFlag(*control, lease).store(0, std::memory_order_seq_cst);
   }
 };
 
