@@ -10,6 +10,7 @@
 
 #include "distval/cluster_spec.h"
 #include "distval/logging.h"
+#include "distval/shared_memory.h"
 #include "server.h"
 
 namespace {
@@ -72,6 +73,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads", opt.threads, "threads applying optimizer updates")
       ->capture_default_str();
+  bool no_shared_memory = false;
+  app.add_flag("--no-shared-memory", no_shared_memory,
+               "never move tensors through shared memory with co-located workers (by default "
+               "a worker on this host that offers it gets parameters and gradients through "
+               "POSIX shared memory, ZeroMQ carrying only the headers)");
   app.add_option("--max-message-bytes", opt.max_message_bytes,
                  "largest request accepted (ZMQ_MAXMSGSIZE)")
       ->capture_default_str();
@@ -148,6 +154,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   opt.staleness = *st;
+  opt.shared_memory = !no_shared_memory;
+  // Shared-memory segments left in /dev/shm by crashed distval processes.
+  if (int stale = transport::RemoveStaleSharedSegments(); stale > 0) {
+    DV_LOG(kInfo) << "removed " << stale << " stale shared-memory segment(s)";
+  }
   if (worker_timeout_s <= 0 || pull_deadline_s <= 0) {
     std::cerr << "distval-ps: --worker-timeout and --pull-timeout must be > 0\n";
     return 2;

@@ -157,6 +157,16 @@ FloatPayload ToFloats(const protocol::TensorRef& ref, const Frame& frame) {
   return out;
 }
 
+// Makes every frame of `msg` complete (see transport::Frame::streaming):
+// waits for streaming ones, reads ring ones through into owned storage.
+Status WaitComplete(InMessage& msg) {
+  for (Frame& f : msg) {
+    if (!f.streaming()) continue;
+    DV_ASSIGN_OR_RETURN(f, f.Materialized());
+  }
+  return OkStatus();
+}
+
 std::vector<int64_t> ToIndices(const protocol::TensorRef& ref, const Frame& frame) {
   std::vector<int64_t> idx(static_cast<size_t>(ref.num_elements()));
   if (!idx.empty()) std::memcpy(idx.data(), frame.data(), idx.size() * sizeof(int64_t));
@@ -201,7 +211,12 @@ class Server::Impl {
 
   Status HandleHello(const Frame& identity, const Request& req);
   Status HandleCreate(const Request& req, const InMessage& msg);
-  Status HandlePush(const Request& req, const InMessage& msg);
+  // Validates and routes a push. On success it acknowledges the push first
+  // and then applies it (the reply is on its way while the optimizer runs,
+  // so the apply overlaps the client's next transfer; requests behind it in
+  // the socket are handled after the apply, so a later pull reflects it).
+  // On error nothing is applied and nothing is sent: the caller replies.
+  Status HandlePush(const Frame& identity, const Request& req, InMessage& msg);
   void HandlePull(const Frame& identity, Request& req, InMessage& msg);
   Status ValidatePull(const protocol::Pull& pull, const InMessage& msg);
   void AnswerPull(const Held& held);
@@ -227,12 +242,19 @@ class Server::Impl {
   bool shutdown_requested_ = false;
   bool stale_aware_lr_ = false;
 
-  VariableStore store_;
+  // Parameter buffers: in shared memory when co-located workers may read
+  // them (ServerOptions::shared_memory), else ordinary Tensors.
+  std::shared_ptr<Tensor> AllocateParams(const Shape& shape);
+
+  VariableStore store_{[this](const Shape& shape) { return AllocateParams(shape); }};
+  bool shm_warned_ = false;
   std::unique_ptr<ConsistencyController> controller_;
   uint64_t next_ticket_ = 1;
   std::unordered_map<uint64_t, Held> held_pulls_;
   // BSP accumulations: clock -> variable -> worker -> contributions.
   std::map<int64_t, std::map<std::string, std::map<int32_t, std::vector<Contribution>>>> accum_;
+  // BSP: per-variable buffers the contributions of a clock are summed in.
+  std::unordered_map<std::string, std::unique_ptr<Tensor>> sum_buffers_;
   // Barriers (shard 0): name -> waiting workers.
   std::map<std::string, std::map<int32_t, Held>> barriers_;
 };
@@ -261,12 +283,36 @@ Status Server::Impl::Init() {
   so.max_message_bytes = o.max_message_bytes;
   so.router_mandatory = true;
   so.linger_ms = 0;
+  so.shared_memory = o.shared_memory;
+  so.shared_memory_min_bytes = o.shared_memory_min_bytes;
+  // A co-located worker's gradient may still be arriving when its push is
+  // handled: dense applies consume it as it comes (ApplyDenseStreaming);
+  // everything else waits for its frames first (WaitComplete).
+  so.shared_memory_early_receive = true;
   DV_ASSIGN_OR_RETURN(socket_,
                       transport::Socket::Create(*context_, transport::SocketType::kRouter, so));
   DV_ASSIGN_OR_RETURN(endpoint_, socket_->Bind(o.bind));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
   return OkStatus();
+}
+
+std::shared_ptr<Tensor> Server::Impl::AllocateParams(const Shape& shape) {
+  const size_t bytes = static_cast<size_t>(shape.num_elements()) * sizeof(float);
+  if (!options_.shared_memory || bytes < options_.shared_memory_min_bytes || !context_)
+    return nullptr;  // an ordinary Tensor
+  auto segment = transport::SharedSegment::Create(bytes);
+  if (!segment.ok()) {
+    if (!shm_warned_) {
+      DV_LOG(kWarning) << "parameters stay out of shared memory (co-located pulls copy once "
+                       << "more): " << segment.status();
+      shm_warned_ = true;
+    }
+    return nullptr;
+  }
+  context_->shared_memory().Add(*segment);
+  std::byte* data = (*segment)->data();
+  return std::make_shared<Tensor>(DType::kF32, shape, data, std::move(*segment));
 }
 
 Reply Server::Impl::NewReply(uint64_t request_id) const {
@@ -364,6 +410,14 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
       return;
     }
   }
+  if (!std::holds_alternative<protocol::Push>(req.body)) {
+    // Only pushes read their frames as they arrive.
+    Status complete = WaitComplete(msg);
+    if (!complete.ok()) {
+      SendError(identity, req.request_id, complete);
+      return;
+    }
+  }
   Status s = OkStatus();
   bool answered = false;  // the handler replied (or holds the request) itself
   std::visit(
@@ -376,7 +430,8 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
         } else if constexpr (std::is_same_v<T, protocol::CreateVariable>) {
           s = HandleCreate(req, msg);
         } else if constexpr (std::is_same_v<T, protocol::Push>) {
-          s = HandlePush(req, msg);
+          s = HandlePush(identity, req, msg);
+          answered = s.ok();
         } else if constexpr (std::is_same_v<T, protocol::Pull>) {
           HandlePull(identity, req, msg);
           answered = true;
@@ -489,7 +544,7 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
   return OkStatus();
 }
 
-Status Server::Impl::HandlePush(const Request& req, const InMessage& msg) {
+Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMessage& msg) {
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
@@ -508,6 +563,7 @@ Status Server::Impl::HandlePush(const Request& req, const InMessage& msg) {
       const auto& idx = std::get<protocol::TensorRef>(u.rows);
       DV_RETURN_IF_ERROR(
           VariableStore::ValidateSparseIndices(*v, idx.dtype, std::span<const int64_t>(idx.shape)));
+      DV_ASSIGN_OR_RETURN(msg[idx.frame], msg[idx.frame].Materialized());
       sparse_rows[i] = ToIndices(idx, msg[idx.frame]);
       DV_RETURN_IF_ERROR(VariableStore::ValidateSparseRows(*v, sparse_rows[i]));
       DV_RETURN_IF_ERROR(VariableStore::ValidateSparsePayload(
@@ -515,41 +571,70 @@ Status Server::Impl::HandlePush(const Request& req, const InMessage& msg) {
     }
     vars.push_back(v);
   }
-  // 2. Route: apply now (async / SSP) or keep for the clock (BSP).
+  // 2. Route: apply now (async / SSP, control clients) or keep for the
+  // clock (BSP). The controller decides before the acknowledgement, so its
+  // errors (a stale clock, a dropped worker) still reach the sender.
+  PushPlan plan;
+  float lr_scale = 1.0f;
   if (req.worker_id < 0) {
     // A control client's push applies at once (e.g. a tool loading values).
-    for (size_t i = 0; i < push.updates.size(); ++i) {
-      const auto& u = push.updates[i];
-      FloatPayload g = ToFloats(u.values, msg[u.values.frame]);
-      if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
-        DV_RETURN_IF_ERROR(
-            VariableStore::ApplyDense(*vars[i], *range, g.values.data(), 1.f, 1.f, runner_));
-      } else {
-        DV_RETURN_IF_ERROR(
-            VariableStore::ApplySparse(*vars[i], sparse_rows[i], g.values.data(), 1.f, 1.f));
-      }
-    }
-    return OkStatus();
+    plan.routes.assign(push.updates.size(), PushRoute::kApplyNow);
+  } else {
+    std::vector<std::string_view> names;
+    names.reserve(vars.size());
+    for (Variable* v : vars) names.push_back(v->name());
+    DV_ASSIGN_OR_RETURN(plan,
+                        controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
+    if (stale_aware_lr_) lr_scale = 1.0f / (1.0f + static_cast<float>(plan.staleness));
   }
-  std::vector<std::string_view> names;
-  names.reserve(vars.size());
-  for (Variable* v : vars) names.push_back(v->name());
-  DV_ASSIGN_OR_RETURN(PushPlan plan,
-                      controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
-  const float lr_scale =
-      stale_aware_lr_ ? 1.0f / (1.0f + static_cast<float>(plan.staleness)) : 1.0f;
+  // 3. Acknowledge: the push is validated and queued in arrival order.
+  SendReply(identity, NewReply(req.request_id));
+  // 4. Apply (or keep) it, then act on what the push completed.
   for (size_t i = 0; i < push.updates.size(); ++i) {
     const auto& u = push.updates[i];
     Variable* v = vars[i];
-    FloatPayload g = ToFloats(u.values, msg[u.values.frame]);
-    const float grad_scale = 1.0f;
+    Frame& frame = msg[u.values.frame];
+    const auto* range = std::get_if<protocol::RowRange>(&u.rows);
+    if (plan.routes[i] == PushRoute::kApplyNow && range != nullptr && frame.streaming() &&
+        u.values.encoding == protocol::Encoding::kRaw && frame.window_limit() >= sizeof(float)) {
+      // A co-located worker is still copying this gradient into shared
+      // memory: apply each piece as soon as it is there, while it is hot in
+      // cache.
+      const int64_t piece =
+          static_cast<int64_t>(std::min<size_t>(frame.window_limit(), 256 * 1024) / sizeof(float));
+      Status s = VariableStore::ApplyDenseStreaming(
+          *v, *range, piece,
+          [&frame](int64_t begin, int64_t n) -> StatusOr<const float*> {
+            DV_ASSIGN_OR_RETURN(const std::byte* p,
+                                frame.Window(static_cast<size_t>(begin) * sizeof(float),
+                                             static_cast<size_t>(n) * sizeof(float)));
+            return reinterpret_cast<const float*>(p);
+          },
+          1.0f, lr_scale, runner_);
+      if (!s.ok()) {
+        DV_LOG(kError) << "gradient for '" << v->name() << "' from worker " << req.worker_id
+                       << " stopped arriving; the rest of the step is lost: " << s;
+      }
+      continue;
+    }
+    if (auto complete = frame.Materialized(); complete.ok()) {
+      frame = std::move(*complete);
+    } else {
+      DV_LOG(kError) << "gradient for '" << v->name() << "' from worker " << req.worker_id
+                     << " never arrived: " << complete.status();
+      continue;
+    }
+    FloatPayload g = ToFloats(u.values, frame);
     if (plan.routes[i] == PushRoute::kApplyNow) {
-      if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
-        DV_RETURN_IF_ERROR(VariableStore::ApplyDense(*v, *range, g.values.data(), grad_scale,
-                                                     lr_scale, runner_));
+      Status s;
+      if (range != nullptr) {
+        s = VariableStore::ApplyDense(*v, *range, g.values.data(), 1.0f, lr_scale, runner_);
       } else {
-        DV_RETURN_IF_ERROR(VariableStore::ApplySparse(*v, sparse_rows[i], g.values.data(),
-                                                      grad_scale, lr_scale));
+        s = VariableStore::ApplySparse(*v, sparse_rows[i], g.values.data(), 1.0f, lr_scale);
+      }
+      // Validated above, so this cannot fail; say so loudly if it ever does.
+      if (!s.ok()) {
+        DV_LOG(kError) << "applying an acknowledged push to '" << v->name() << "' failed: " << s;
       }
     } else {
       Contribution c;
@@ -586,11 +671,28 @@ void Server::Impl::ApplyCompleted(const CompletedClock& done) {
     for (const auto& [w, list] : by_worker)
       for (const auto& c : list) any_dense |= !c.sparse;
     Status s;
-    if (any_dense) {
+    // The common case of one worker (or one contributor) whose gradient
+    // covers the whole shard: apply straight from the received frame.
+    const Contribution* lone = nullptr;
+    size_t count = 0;
+    for (int32_t w : cu.contributors) {
+      auto it = by_worker.find(w);
+      if (it == by_worker.end()) continue;
+      count += it->second.size();
+      if (!it->second.empty()) lone = &it->second.front();
+    }
+    if (count == 1 && !lone->sparse && lone->rows == v.rows()) {
+      s = VariableStore::ApplyDense(v, v.rows(), lone->values.data(), grad_scale, 1.0f, runner_);
+    } else if (any_dense) {
       // Sum every contribution into one shard-sized gradient, in worker
-      // index order (then arrival order): bit-for-bit repeatable.
-      Tensor sum(DType::kF32, v.shard_shape());
-      float* dst = sum.data_as<float>();
+      // index order (then arrival order): bit-for-bit repeatable. The sum
+      // buffer is kept per variable (no allocation per clock).
+      std::unique_ptr<Tensor>& sum = sum_buffers_[cu.variable];
+      if (!sum || sum->shape() != v.shard_shape())
+        sum = std::make_unique<Tensor>(DType::kF32, v.shard_shape());
+      float* dst = sum->data_as<float>();
+      if (v.num_elements() > 0)
+        std::memset(dst, 0, static_cast<size_t>(v.num_elements()) * sizeof(float));
       for (int32_t w : cu.contributors) {
         auto it = by_worker.find(w);
         if (it == by_worker.end()) continue;

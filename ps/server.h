@@ -39,6 +39,12 @@ struct ServerOptions {
   int threads = 1;
   // Largest accepted message (ZMQ_MAXMSGSIZE); -1: unlimited.
   int64_t max_message_bytes = int64_t{4} << 30;
+  // Co-located workers: accept their shared-memory offer (transport::
+  // SocketOptions::shared_memory) and keep parameter buffers of at least
+  // shared_memory_min_bytes in shared memory, so that a pull is one copy
+  // straight from them into the worker's buffer. Off: ZeroMQ frames only.
+  bool shared_memory = true;
+  size_t shared_memory_min_bytes = 64 * 1024;
 };
 
 class Server {

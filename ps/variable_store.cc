@@ -146,14 +146,23 @@ inline void AcquireAfterUseCount() {
 // 1 orders the borrowers' last reads (before their releasing decrement)
 // before our writes. New borrowers cannot appear meanwhile: Snapshot() needs
 // the shared lock and the caller holds the exclusive one.
+std::shared_ptr<Tensor> NewBuffer(const VariableStore::BufferAllocator& allocator,
+                                  const Shape& shape) {
+  if (allocator) {
+    if (std::shared_ptr<Tensor> t = allocator(shape)) return t;
+  }
+  return std::make_shared<Tensor>(DType::kF32, shape);
+}
+
 WriteTarget PrepareWrite(std::shared_ptr<Tensor>& params, std::shared_ptr<Tensor>& spare,
-                         const Shape& shard_shape) {
+                         const Shape& shard_shape,
+                         const VariableStore::BufferAllocator& allocator) {
   float* current = params->data_as<float>();
   if (params.use_count() == 1) {
     AcquireAfterUseCount();
     return {current, current, false};
   }
-  if (!spare || spare.use_count() != 1) spare = std::make_shared<Tensor>(DType::kF32, shard_shape);
+  if (!spare || spare.use_count() != 1) spare = NewBuffer(allocator, shard_shape);
   AcquireAfterUseCount();
   return {current, spare->data_as<float>(), true};
 }
@@ -194,7 +203,8 @@ StatusOr<Variable*> VariableStore::Create(const VariableSpec& spec, RowRange row
   Shape shard_shape = ShardShape(shape, rows);
   auto v = std::make_unique<Variable>(Variable::Key(), spec, shape, rows, shard_shape);
   DV_ASSIGN_OR_RETURN(v->optimizer_, Optimizer::Create(spec.optimizer, shard_shape));
-  v->params_ = std::make_shared<Tensor>(DType::kF32, shard_shape);
+  v->allocator_ = allocator_;
+  v->params_ = NewBuffer(allocator_, shard_shape);
   const size_t n = static_cast<size_t>(shard_shape.num_elements());
   std::span<const float> values;
   if (needs_values) values = std::span<const float>(initial_values, n);
@@ -309,7 +319,7 @@ Status VariableStore::ApplyDense(Variable& v, RowRange rows, const float* grad, 
   std::unique_lock lock(v.mu_);
   const int64_t begin = v.LocalOffset(rows.begin);
   const int64_t end = v.LocalOffset(rows.end);
-  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_);
+  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_, v.allocator_);
   if (t.swap) {
     CopyElements(t.in, t.out, 0, begin);
     CopyElements(t.in, t.out, end, v.num_elements());
@@ -328,13 +338,58 @@ Status VariableStore::ApplyDense(Variable& v, RowRange rows, const float* grad, 
   return OkStatus();
 }
 
+Status VariableStore::ApplyDenseStreaming(
+    Variable& v, RowRange rows, int64_t piece,
+    const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch, float grad_scale,
+    float lr_scale, const RangeRunner& runner) {
+  if (piece < 1) return InvalidArgumentError("streaming apply: piece must be >= 1");
+  DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
+  std::unique_lock lock(v.mu_);
+  const int64_t begin = v.LocalOffset(rows.begin);
+  const int64_t end = v.LocalOffset(rows.end);
+  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_, v.allocator_);
+  if (t.swap) {
+    CopyElements(t.in, t.out, 0, begin);
+    CopyElements(t.in, t.out, end, v.num_elements());
+  }
+  Optimizer& opt = *v.optimizer_;
+  opt.BeginStep();
+  Status status;
+  int64_t done = 0;  // elements of the range applied
+  while (done < end - begin) {
+    const int64_t n = std::min(piece, end - begin - done);
+    StatusOr<const float*> grad = fetch(done, n);
+    if (!grad.ok()) {
+      status = grad.status();
+      break;
+    }
+    const float* g = *grad;
+    const int64_t b = begin + done;
+    if (runner) {
+      runner(n, [&](int64_t lo, int64_t hi) {
+        opt.ApplyDense(t.in, t.out, g + lo, b + lo, b + hi, grad_scale, lr_scale);
+      });
+    } else {
+      opt.ApplyDense(t.in, t.out, g, b, b + n, grad_scale, lr_scale);
+    }
+    done += n;
+  }
+  // Out of place, the elements never reached keep their old values.
+  if (t.swap) {
+    CopyElements(t.in, t.out, begin + done, end);
+    std::swap(v.params_, v.spare_);
+  }
+  v.version_.fetch_add(1, std::memory_order_release);
+  return status;
+}
+
 Status VariableStore::ApplySparse(Variable& v, std::span<const int64_t> global_rows,
                                   const float* grad_rows, float grad_scale, float lr_scale) {
   DV_RETURN_IF_ERROR(ValidateSparseRows(v, global_rows));
   std::vector<int64_t> local(global_rows.size());
   for (size_t i = 0; i < local.size(); ++i) local[i] = global_rows[i] - v.rows().begin;
   std::unique_lock lock(v.mu_);
-  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_);
+  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_, v.allocator_);
   if (t.swap) CopyElements(t.in, t.out, 0, v.num_elements());
   v.optimizer_->BeginStep();
   v.optimizer_->ApplyRows(t.out, local, grad_rows, grad_scale, lr_scale);
@@ -413,7 +468,7 @@ Status VariableStore::RestoreState(
     Variable& v, uint64_t version,
     const std::function<Status(Tensor& params, Optimizer& optimizer)>& fn) {
   std::unique_lock lock(v.mu_);
-  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_);
+  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_, v.allocator_);
   if (t.swap) {
     CopyElements(t.in, t.out, 0, v.num_elements());
     std::swap(v.params_, v.spare_);

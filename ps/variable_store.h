@@ -61,6 +61,11 @@ struct ParamsSnapshot {
   uint64_t version = 0;
 };
 
+// Makes a parameter buffer: f32, `shape`, zero-filled, kTensorAlignment
+// aligned. Called during VariableStore::Create or under a variable's
+// exclusive lock; a null result means "use an ordinary Tensor".
+using ParamsAllocator = std::function<std::shared_ptr<Tensor>(const Shape& shape)>;
+
 // One shard of one variable. Created and owned by VariableStore; everything
 // that changes is reached through the store's methods.
 class Variable {
@@ -115,6 +120,7 @@ class Variable {
   mutable std::shared_mutex mu_;
   std::shared_ptr<Tensor> params_;        // Guarded by mu_ (the pointer; see the header).
   std::shared_ptr<Tensor> spare_;         // Guarded by mu_.
+  ParamsAllocator allocator_;             // Set once during creation (may be null).
   std::unique_ptr<Optimizer> optimizer_;  // Guarded by mu_ (its state).
   std::atomic<uint64_t> version_{0};      // Written under mu_ (exclusive).
   std::atomic<double> learning_rate_{0};  // Written under mu_ (exclusive).
@@ -122,6 +128,8 @@ class Variable {
 
 class VariableStore {
  public:
+  using BufferAllocator = ParamsAllocator;
+
   // Runs body(begin, end) over disjoint subranges covering [0, n), possibly
   // on several threads, and returns when all have finished. Lets the server
   // spread one dense apply over its apply threads.
@@ -129,6 +137,11 @@ class VariableStore {
       std::function<void(int64_t n, const std::function<void(int64_t begin, int64_t end)>& body)>;
 
   VariableStore() = default;
+  // Parameter buffers (and their copy-on-write spares) come from
+  // `allocator`, e.g. shared memory that co-located clients can read pulls
+  // straight from; optimizer slots stay ordinary Tensors. Null: ordinary
+  // Tensors.
+  explicit VariableStore(BufferAllocator allocator) : allocator_(std::move(allocator)) {}
   VariableStore(const VariableStore&) = delete;
   VariableStore& operator=(const VariableStore&) = delete;
 
@@ -189,6 +202,18 @@ class VariableStore {
   // Errors: those of ValidateDenseRange.
   static Status ApplyDense(Variable& v, protocol::RowRange rows, const float* grad,
                            float grad_scale, float lr_scale, const RangeRunner& runner = {});
+  // As ApplyDense, for a gradient that arrives front to back (a streaming
+  // shared-memory frame, see transport::Frame::Window): the gradient of the
+  // range is fetched in order, `piece` elements at a time (fetch(begin, n)
+  // returns elements [begin, begin + n) of it, valid until the next call)
+  // and each piece is applied as it comes, while it is still in cache. If
+  // fetch fails, the pieces applied so far stay applied (the step and the
+  // version count), the rest of the range keeps its values, and fetch's
+  // error is returned. InvalidArgument for piece < 1.
+  static Status ApplyDenseStreaming(
+      Variable& v, protocol::RowRange rows, int64_t piece,
+      const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch,
+      float grad_scale, float lr_scale, const RangeRunner& runner = {});
   // Applies grad_rows (global_rows.size() rows) to the listed global rows;
   // duplicates are summed, only listed rows change (see optimizer.h). Errors:
   // those of ValidateSparseRows.
@@ -236,6 +261,7 @@ class VariableStore {
                              const std::function<Status(Tensor& params, Optimizer& optimizer)>& fn);
 
  private:
+  BufferAllocator allocator_;
   mutable std::shared_mutex mu_;
   std::map<std::string, std::unique_ptr<Variable>, std::less<>> by_name_;  // Guarded by mu_.
   std::vector<Variable*> order_;                                           // Guarded by mu_.

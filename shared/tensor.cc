@@ -96,7 +96,12 @@ AlignedBuffer AlignedAlloc(size_t bytes) {
 }
 
 Tensor::Tensor(DType dtype, Shape shape)
-    : dtype_(dtype), shape_(std::move(shape)), buffer_(AlignedAlloc(num_bytes())) {}
+    : dtype_(dtype), shape_(std::move(shape)), buffer_(AlignedAlloc(num_bytes())) {
+  data_ = buffer_.get();
+}
+
+Tensor::Tensor(DType dtype, Shape shape, std::byte* data, std::shared_ptr<void> owner)
+    : dtype_(dtype), shape_(std::move(shape)), external_(std::move(owner)), data_(data) {}
 
 Tensor Tensor::Clone() const {
   Tensor t(dtype_, shape_);

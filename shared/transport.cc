@@ -19,9 +19,11 @@
 // more than 8 bytes.
 #include "distval/transport.h"
 
+#include <signal.h>
 #include <zmq.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -30,6 +32,7 @@
 #include <utility>
 
 #include "distval/tensor.h"
+#include "socket_shm.h"
 
 namespace distval::transport {
 namespace {
@@ -108,6 +111,10 @@ std::string PeerName(std::span<const std::byte> id) {
   return out;
 }
 
+}  // namespace
+
+namespace internal {
+
 // Absolute deadline for an optional relative timeout.
 class Deadline {
  public:
@@ -131,6 +138,12 @@ class Deadline {
   bool infinite_;
   Clock::time_point at_;
 };
+
+}  // namespace internal
+
+namespace {
+
+using internal::Deadline;
 
 // Polls one socket for `events` until ready, the deadline passes or an error.
 // Returns true when ready, false on timeout.
@@ -317,7 +330,8 @@ Status FillMessage(const std::byte* data, size_t size, bool borrowed,
 
 // ---------------------------------------------------------------- Context
 
-Context::Context(int io_threads) : ctx_(zmq_ctx_new()) {
+Context::Context(int io_threads)
+    : ctx_(zmq_ctx_new()), shared_memory_(std::make_shared<SharedMemoryRegistry>()) {
   if (ctx_ == nullptr) return;
   // These can only fail for an invalid option value; the defaults then stay.
   zmq_ctx_set(ctx_, ZMQ_IO_THREADS, io_threads < 0 ? 1 : io_threads);
@@ -371,6 +385,75 @@ Frame Frame::FromBytes(std::span<const std::byte> bytes) {
   return frame;
 }
 
+Status Frame::WaitReady(size_t bytes, std::chrono::milliseconds timeout) const {
+  if (progress_ == nullptr) return OkStatus();
+  bytes = std::min(bytes, size_);
+  uint64_t* counter = const_cast<uint64_t*>(progress_);
+  auto ready = [&] {
+    return std::atomic_ref<uint64_t>(*counter).load(std::memory_order_acquire) >= bytes;
+  };
+  if (ready()) return OkStatus();
+  bool gone = false;
+  const int pid = stream_pid_;
+  if (internal::Await(counter, waiters_, internal::kReaderWaits, ready, Clock::now() + timeout,
+                      [&gone, pid] {
+                        gone = pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
+                        return !gone;
+                      }))
+    return OkStatus();
+  const uint64_t have = std::atomic_ref<uint64_t>(*counter).load();
+  if (gone)
+    return UnavailableError("shared-memory frame: the sending process " + std::to_string(pid) +
+                            " is gone after " + std::to_string(have) + " of " +
+                            std::to_string(size_) + " bytes");
+  return DeadlineExceededError("shared-memory frame: " + std::to_string(have) + " of " +
+                               std::to_string(size_) + " bytes after " +
+                               std::to_string(timeout.count()) + " ms");
+}
+
+StatusOr<const std::byte*> Frame::Window(size_t offset, size_t length,
+                                         std::chrono::milliseconds timeout) const {
+  if (offset > size_ || length > size_ - offset)
+    return OutOfRangeError("window [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                           ") outside a frame of " + std::to_string(size_) + " bytes");
+  if (ring_ == nullptr) {
+    DV_RETURN_IF_ERROR(WaitReady(offset + length, timeout));
+    return data_ + offset;
+  }
+  std::atomic_ref<uint64_t> consumed(*consumed_);
+  if (offset < consumed.load(std::memory_order_relaxed) ||
+      offset / ring_slot_ != (offset + std::max<size_t>(length, 1) - 1) / ring_slot_)
+    return FailedPreconditionError("ring window [" + std::to_string(offset) + ", +" +
+                                   std::to_string(length) + ") goes back or crosses a " +
+                                   std::to_string(ring_slot_) + "-byte boundary");
+  // Everything before `offset` is done with: the sender may overwrite it.
+  if (offset > consumed.load(std::memory_order_relaxed))
+    internal::Publish(consumed_, offset, waiters_, internal::kWriterWaits);
+  DV_RETURN_IF_ERROR(WaitReady(offset + length, timeout));
+  return ring_ + offset % ring_bytes_;
+}
+
+StatusOr<Frame> Frame::Materialized(std::chrono::milliseconds timeout) const {
+  if (ring_ == nullptr) {
+    DV_RETURN_IF_ERROR(WaitReady(size_, timeout));
+    Frame f = *this;
+    f.progress_ = nullptr;
+    return f;
+  }
+  AlignedBuffer buffer = AlignedAlloc(size_);
+  for (size_t offset = 0; offset < size_; offset += ring_slot_) {
+    const size_t n = std::min(ring_slot_, size_ - offset);
+    DV_ASSIGN_OR_RETURN(const std::byte* p, Window(offset, n, timeout));
+    std::memcpy(buffer.get() + offset, p, n);
+  }
+  internal::Publish(consumed_, size_, waiters_, internal::kWriterWaits);
+  Frame f;
+  f.data_ = buffer.get();
+  f.size_ = size_;
+  f.holder_ = std::shared_ptr<std::byte[]>(std::move(buffer));
+  return f;
+}
+
 Frame Frame::Realigned(size_t alignment) const {
   if (AlignedFor(alignment)) return *this;
   return FromBytes(bytes());
@@ -385,13 +468,23 @@ StatusOr<std::unique_ptr<Socket>> Socket::Create(Context& context, SocketType ty
   }
   void* raw = zmq_socket(context.raw(), ToZmqType(type));
   if (raw == nullptr) return ZmqError(errno, "create socket");
-  std::unique_ptr<Socket> socket(new Socket(raw));
+  std::unique_ptr<Socket> socket(new Socket(raw, type));
   DV_RETURN_IF_ERROR(ApplyOptions(raw, type, options));
+  // A ROUTER always understands the shared-memory handshake (to refuse it
+  // when the option is off); a DEALER only takes part when asked to.
+  if (type == SocketType::kRouter || (type == SocketType::kDealer && options.shared_memory))
+    socket->shm_ = std::make_unique<internal::SocketShm>(type, options, &context.shared_memory());
   return socket;
 }
 
+Socket::Socket(void* socket, SocketType type) : socket_(socket), type_(type) {}
+
 Socket::~Socket() {
   if (socket_ != nullptr) zmq_close(socket_);
+}
+
+SharedMemoryStats Socket::shared_memory_stats() const {
+  return shm_ ? shm_->stats() : SharedMemoryStats{};
 }
 
 StatusOr<std::string> Socket::Bind(const std::string& endpoint) {
@@ -412,6 +505,12 @@ Status Socket::Connect(const std::string& endpoint) {
   if (zmq_connect(socket_, endpoint.c_str()) != 0) {
     return ZmqError(errno, "connect '" + endpoint + "'");
   }
+  if (shm_) {
+    // Offer shared memory to a co-located peer; it answers before anything
+    // we send later (ZeroMQ keeps the order), and until then plain frames go.
+    if (std::optional<OutMessage> hello = shm_->Offer(endpoint))
+      Send(std::move(*hello), std::chrono::milliseconds(0)).IgnoreError();
+  }
   return OkStatus();
 }
 
@@ -430,6 +529,20 @@ Status Socket::Send(OutMessage message, std::optional<std::chrono::milliseconds>
                                   std::to_string(message[i].size_));
     }
   }
+  internal::SocketShm::SendPlan plan;
+  if (shm_) plan = shm_->PrepareSend(message);
+  Status sent = SendFrames(message, timeout);
+  if (shm_) {
+    if (sent.ok()) {
+      shm_->FinishCopies(plan);
+    } else {
+      shm_->AbandonSend(plan);
+    }
+  }
+  return sent;
+}
+
+Status Socket::SendFrames(OutMessage& message, std::optional<std::chrono::milliseconds> timeout) {
   const Deadline deadline(timeout);
   // Frames are turned into zmq messages one at a time, right before they are
   // sent: a failure leaves the unsent Payloads (and their owners) in
@@ -478,6 +591,25 @@ Status Socket::Send(OutMessage message, std::optional<std::chrono::milliseconds>
 
 StatusOr<InMessage> Socket::Receive(std::optional<std::chrono::milliseconds> timeout) {
   const Deadline deadline(timeout);
+  if (shm_) shm_->Reclaim();
+  for (;;) {
+    DV_ASSIGN_OR_RETURN(InMessage frames, ReceiveOne(deadline, timeout));
+    if (shm_) {
+      std::optional<OutMessage> reply;
+      if (shm_->Intercept(frames, &reply)) {
+        // A shared-memory handshake message: answer it, then wait on for a
+        // message for the caller.
+        if (reply) Send(std::move(*reply), std::chrono::milliseconds(0)).IgnoreError();
+        continue;
+      }
+      shm_->Resolve(frames);
+    }
+    return frames;
+  }
+}
+
+StatusOr<InMessage> Socket::ReceiveOne(const Deadline& deadline,
+                                       std::optional<std::chrono::milliseconds> timeout) {
   InMessage frames;
   for (;;) {
     auto holder = std::make_shared<ReceivedMessage>();

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -26,7 +27,26 @@ using transport::Payload;
 using Clock = std::chrono::steady_clock;
 
 // ---------------------------------------------------------------------------
-// RequestHandle state: shared by the caller's handle and the I/O thread.
+// The I/O lease: which thread may use the sockets (and the bookkeeping of
+// requests in flight) right now. ZeroMQ sockets may move between threads
+// with a full memory barrier in between, which the lease's mutex provides.
+//
+// The holder is the background I/O thread, or a caller thread that sends its
+// own request directly (Submit) or receives its own reply (RequestHandle::
+// Wait). A caller that finds the lease free does the socket work itself, so a
+// synchronous request costs no thread hand-off at all: the same wake-ups as a
+// plain ZeroMQ request/reply. Requests nobody waits for are picked up by the
+// background thread after kTakeoverDelay, or at once when work is queued for
+// a held lease (the holder polls the wake-up eventfd with its sockets).
+struct IoLease {
+  std::mutex mu;
+  std::condition_variable cv;    // the background thread waits here
+  bool held = false;             // Guarded by mu.
+  bool alive = true;             // false once the client stops; Guarded by mu.
+  Client::Impl* impl = nullptr;  // valid while alive or held (Stop waits for !held)
+};
+
+// RequestHandle state: shared by the caller's handle and the lease holder.
 struct RequestHandle::State {
   std::mutex mu;
   std::condition_variable cv;
@@ -35,38 +55,19 @@ struct RequestHandle::State {
   Status status;                 // first error; Guarded by mu.
   bool abandoned = false;        // the waiter gave up: never touch its buffers; Guarded by mu.
   std::set<int> pending_shards;  // Guarded by mu.
-  std::vector<std::string> shard_names;  // for messages; set before submission
-  std::chrono::milliseconds default_timeout{120000};  // ClientOptions::request_timeout
+  // Endpoints, for messages; set before submission.
+  std::shared_ptr<const std::vector<std::string>> shard_names;
+  // Lets Wait() drive the sockets itself; null for a handle that failed
+  // before submission.
+  std::shared_ptr<IoLease> lease;
+  // Deadline of Wait() without an argument: ClientOptions::request_timeout.
+  std::chrono::milliseconds default_timeout{120000};
 
   void Fail(const Status& s) {  // REQUIRES: mu held
     if (status.ok()) status = s;
   }
   bool DoneLocked() const { return outstanding_replies == 0 && outstanding_releases == 0; }
 };
-
-Status RequestHandle::Wait(std::optional<std::chrono::milliseconds> timeout) {
-  if (!state_) return OkStatus();
-  std::unique_lock<std::mutex> lock(state_->mu);
-  const auto limit = timeout.value_or(state_->default_timeout);
-  auto deadline = Clock::now() + limit;
-  if (!state_->cv.wait_until(lock, deadline, [&] { return state_->DoneLocked(); })) {
-    if (state_->outstanding_replies > 0) {
-      state_->abandoned = true;
-      std::string who;
-      for (int s : state_->pending_shards) {
-        if (!who.empty()) who += ", ";
-        who += "shard " + std::to_string(s);
-        if (s < static_cast<int>(state_->shard_names.size()))
-          who += " (" + state_->shard_names[s] + ")";
-      }
-      state_->Fail(DeadlineExceededError(
-          "no reply from " + who + " after " + std::to_string(limit.count()) + " ms"));
-    } else {
-      state_->Fail(DeadlineExceededError("ZeroMQ did not release the pushed buffer in time"));
-    }
-  }
-  return state_->status;
-}
 
 bool RequestHandle::Done() const {
   if (!state_) return true;
@@ -127,10 +128,15 @@ class Client::Impl {
                        bool zero_copy_payloads);
   std::shared_ptr<RequestHandle::State> NewState() {
     auto s = std::make_shared<RequestHandle::State>();
-    s->shard_names = options_.ps_endpoints;
+    s->shard_names = shard_names_;
     s->default_timeout = options_.request_timeout;
     return s;
   }
+
+  // Runs the I/O for `state` on the calling thread until its replies are in,
+  // `deadline` passes or the client stops, if the lease is free; returns at
+  // once otherwise (the holder completes the request). Called by Wait().
+  static void DriveUntilAnswered(RequestHandle::State& state, Clock::time_point deadline);
   uint64_t NextId() { return next_id_.fetch_add(1); }
   Request NewRequest() {
     Request r;
@@ -173,40 +179,84 @@ class Client::Impl {
     bool is_pull;
   };
 
+  // A caller that submitted a request and released the lease has this long
+  // to come back and wait for it (taking the lease again) before the
+  // background thread takes over its reply.
+  static constexpr std::chrono::microseconds kTakeoverDelay{500};
+
+  // Background thread: takes the lease whenever work would otherwise be left
+  // unattended (queued commands, replies nobody waits for, heartbeats).
   void Run();
+  // One round of socket work. REQUIRES: the lease is held.
+  void IoStep(std::chrono::milliseconds poll_timeout);
+  // Sends everything queued by threads that found the lease held.
+  // REQUIRES: the lease is held.
+  void SendQueued();
   void SendCommand(Command& cmd);
   void HandleMessage(int shard, InMessage& msg);
   void CompleteOne(Pending& p, const Status& s);
   void SendHeartbeats();
+  // Copies the sockets' shared-memory counters into stats_. REQUIRES: the
+  // lease is held.
+  void UpdateSharedMemoryStats();
+  // Gives the lease back and wakes the background thread when work is left:
+  // at once when commands are queued or `leave_now` (a waiter left while
+  // other requests are in flight), else after kTakeoverDelay.
+  void ReleaseLease(bool leave_now);
+  bool QueueEmpty() {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    return queue_.empty();
+  }
+  void Wake() {
+    uint64_t one = 1;
+    ssize_t n = ::write(wake_fd_, &one, sizeof(one));
+    (void)n;
+  }
 
   ClientOptions options_;
   Client* owner_;
+  std::shared_ptr<const std::vector<std::string>> shard_names_;
   std::atomic<uint64_t> next_id_{1};
   std::unique_ptr<transport::Context> context_;
-  std::vector<std::unique_ptr<transport::Socket>> sockets_;  // I/O thread only after Start()
+  std::vector<std::unique_ptr<transport::Socket>> sockets_;  // lease holder only after Start()
+  std::vector<transport::Socket*> socket_ptrs_;
   int wake_fd_ = -1;
   std::thread thread_;
   std::atomic<bool> stop_{false};
 
-  std::mutex queue_mu_;
+  std::shared_ptr<IoLease> lease_ = std::make_shared<IoLease>();
+  // Requests sent and not yet answered (pending_.size(), readable without
+  // the lease).
+  std::atomic<int> outstanding_{0};
+  // When a request was last left unattended with the lease free.
+  Clock::time_point unattended_since_;  // Guarded by lease_->mu.
+  bool takeover_now_ = false;           // Guarded by lease_->mu.
+  // When the background thread will look again (so a release that needs it
+  // sooner wakes it).
+  Clock::time_point background_wakes_at_;  // Guarded by lease_->mu.
+
+  std::mutex queue_mu_;        // Acquired after lease_->mu when both are held.
   std::deque<Command> queue_;  // Guarded by queue_mu_.
 
-  // I/O thread only:
+  // Lease holder only:
   std::unordered_map<uint64_t, Pending> pending_;
   std::vector<Clock::time_point> last_send_;
 };
 
 Status Client::Impl::Start() {
   if (options_.ps_endpoints.empty()) return InvalidArgumentError("no parameter servers given");
+  shard_names_ = std::make_shared<const std::vector<std::string>>(options_.ps_endpoints);
   context_ = std::make_unique<transport::Context>(1);
   transport::SocketOptions so;
   so.max_message_bytes = options_.max_message_bytes;
   so.linger_ms = 0;
+  so.shared_memory = options_.shared_memory;
   for (size_t i = 0; i < options_.ps_endpoints.size(); ++i) {
     DV_ASSIGN_OR_RETURN(auto sock,
                         transport::Socket::Create(*context_, transport::SocketType::kDealer, so));
     DV_RETURN_IF_ERROR(sock->Connect(options_.ps_endpoints[i])
                            .WithContext("shard " + std::to_string(i)));
+    socket_ptrs_.push_back(sock.get());
     sockets_.push_back(std::move(sock));
   }
   min_clocks_.assign(sockets_.size(), 0);
@@ -214,18 +264,23 @@ Status Client::Impl::Start() {
   planner_ = std::make_unique<PlacementPlanner>(static_cast<int>(sockets_.size()));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
+  lease_->impl = this;
   thread_ = std::thread([this] { Run(); });
   return OkStatus();
 }
 
 void Client::Impl::Stop() {
   if (thread_.joinable()) {
-    stop_.store(true);
-    uint64_t one = 1;
-    ssize_t n = ::write(wake_fd_, &one, sizeof(one));
-    (void)n;
+    {
+      std::lock_guard<std::mutex> lock(lease_->mu);
+      stop_.store(true);
+      lease_->alive = false;  // no caller takes the lease from now on
+      lease_->cv.notify_all();
+    }
+    Wake();  // a holder blocked in poll
     thread_.join();
   }
+  socket_ptrs_.clear();
   sockets_.clear();
   context_.reset();
   if (wake_fd_ >= 0) ::close(wake_fd_);
@@ -235,25 +290,82 @@ void Client::Impl::Stop() {
 RequestHandle Client::Impl::Submit(std::vector<Outgoing> messages,
                                    std::shared_ptr<RequestHandle::State> state,
                                    bool zero_copy_payloads) {
+  (void)zero_copy_payloads;
   Command cmd;
   {
     std::lock_guard<std::mutex> lock(state->mu);
     state->outstanding_replies += static_cast<int>(messages.size());
     for (const auto& m : messages) state->pending_shards.insert(m.shard);
-    (void)zero_copy_payloads;
+    state->lease = lease_;
   }
   cmd.headers.reserve(messages.size());
   for (auto& m : messages) cmd.headers.push_back(protocol::EncodeRequest(m.request));
   cmd.messages = std::move(messages);
   cmd.state = state;
+  bool direct = false;
   {
-    std::lock_guard<std::mutex> lock(queue_mu_);
-    queue_.push_back(std::move(cmd));
+    std::lock_guard<std::mutex> lock(lease_->mu);
+    if (!lease_->held && lease_->alive) {
+      lease_->held = true;
+      direct = true;
+    } else {
+      std::lock_guard<std::mutex> queue_lock(queue_mu_);
+      queue_.push_back(std::move(cmd));
+    }
   }
-  uint64_t one = 1;
-  ssize_t n = ::write(wake_fd_, &one, sizeof(one));
-  (void)n;
+  if (direct) {
+    // Send on this thread: no hand-off to the I/O thread. Anything other
+    // threads queued meanwhile goes first.
+    SendQueued();
+    SendCommand(cmd);
+    ReleaseLease(/*leave_now=*/false);
+  } else {
+    Wake();  // the holder polls the eventfd with its sockets
+  }
   return RequestHandle(std::move(state));
+}
+
+void Client::Impl::ReleaseLease(bool leave_now) {
+  std::lock_guard<std::mutex> lock(lease_->mu);
+  lease_->held = false;
+  const bool queued = !QueueEmpty();
+  if (!queued && outstanding_.load() == 0) return;
+  const auto now = Clock::now();
+  if (queued || leave_now) {
+    takeover_now_ = true;
+    lease_->cv.notify_all();
+    return;
+  }
+  // Our own request is in flight; its caller normally comes back to Wait()
+  // within microseconds and takes the lease again. Only if it does not does
+  // the background thread take over.
+  unattended_since_ = now;
+  if (background_wakes_at_ > now + kTakeoverDelay) lease_->cv.notify_all();
+}
+
+void Client::Impl::DriveUntilAnswered(RequestHandle::State& state, Clock::time_point deadline) {
+  IoLease& lease = *state.lease;
+  {
+    std::lock_guard<std::mutex> lock(lease.mu);
+    if (!lease.alive || lease.held) return;
+    lease.held = true;
+  }
+  Impl* impl = lease.impl;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(state.mu);
+      if (state.outstanding_replies == 0 || state.abandoned) break;
+    }
+    const auto now = Clock::now();
+    if (now >= deadline || impl->stop_.load()) break;
+    // Poll in slices so that heartbeats keep going during a long wait.
+    auto slice = std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
+    slice = std::min(slice, std::max(std::chrono::milliseconds(1),
+                                     std::chrono::duration_cast<std::chrono::milliseconds>(
+                                         impl->options_.heartbeat_interval / 2)));
+    impl->IoStep(slice);
+  }
+  impl->ReleaseLease(/*leave_now=*/true);
 }
 
 void Client::Impl::CompleteOne(Pending& p, const Status& s) {
@@ -262,6 +374,16 @@ void Client::Impl::CompleteOne(Pending& p, const Status& s) {
   p.state->outstanding_replies -= 1;
   p.state->pending_shards.erase(p.shard);
   if (p.state->DoneLocked()) p.state->cv.notify_all();
+}
+
+void Client::Impl::SendQueued() {
+  std::deque<Command> batch;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    if (queue_.empty()) return;
+    batch.swap(queue_);
+  }
+  for (auto& cmd : batch) SendCommand(cmd);
 }
 
 void Client::Impl::SendCommand(Command& cmd) {
@@ -274,11 +396,13 @@ void Client::Impl::SendCommand(Command& cmd) {
     uint64_t id = m.request.request_id;
     bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
     pending_[id] = Pending{m.shard, std::move(m.on_reply), cmd.state, is_pull};
+    outstanding_.fetch_add(1);
     Status s = sockets_[m.shard]->Send(std::move(out), std::chrono::milliseconds(0));
     if (!s.ok()) {
       // The DEALER queue is full or the socket failed: report it now.
       Pending p = std::move(pending_[id]);
       pending_.erase(id);
+      outstanding_.fetch_sub(1);
       CompleteOne(p, UnavailableError("shard " + std::to_string(m.shard) + " (" +
                                       options_.ps_endpoints[m.shard] + "): " + s.message()));
       continue;
@@ -307,6 +431,7 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
   }
   Pending p = std::move(it->second);
   pending_.erase(it);
+  outstanding_.fetch_sub(1);
   RecordReply(shard, *reply, p.is_pull);
   Status s = OkStatus();
   {
@@ -340,48 +465,127 @@ void Client::Impl::SendHeartbeats() {
   }
 }
 
-void Client::Impl::Run() {
-  std::vector<transport::Socket*> socks;
-  for (auto& s : sockets_) socks.push_back(s.get());
+void Client::Impl::UpdateSharedMemoryStats() {
+  if (!options_.shared_memory) return;
+  int shards = 0;
+  int64_t bytes = 0;
+  for (transport::Socket* s : socket_ptrs_) {
+    const transport::SharedMemoryStats st = s->shared_memory_stats();
+    shards += st.active ? 1 : 0;
+    bytes += st.bytes_sent + st.bytes_received;
+  }
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  stats_.shared_memory_shards = shards;
+  stats_.shared_memory_bytes = bytes;
+}
+
+void Client::Impl::IoStep(std::chrono::milliseconds poll_timeout) {
+  SendQueued();
   const int fds[1] = {wake_fd_};
-  while (!stop_.load()) {
-    auto ready = transport::PollReadableWithFds(socks, fds, options_.heartbeat_interval / 2);
-    if (!ready.ok()) {
-      DV_LOG(kError) << "client I/O poll failed: " << ready.status();
-      break;
+  auto ready = transport::PollReadableWithFds(socket_ptrs_, fds, poll_timeout);
+  if (!ready.ok()) {
+    // Only a terminated context makes zmq_poll fail; Stop() follows.
+    DV_LOG(kError) << "client I/O poll failed: " << ready.status();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return;
+  }
+  for (size_t idx : *ready) {
+    if (idx < socket_ptrs_.size()) {
+      // Drain everything that is waiting on this socket.
+      for (;;) {
+        auto msg = socket_ptrs_[idx]->Receive(std::chrono::milliseconds(0));
+        if (!msg.ok()) break;
+        HandleMessage(static_cast<int>(idx), *msg);
+      }
+    } else {
+      uint64_t v;
+      ssize_t n = ::read(wake_fd_, &v, sizeof(v));
+      (void)n;
     }
-    for (size_t idx : *ready) {
-      if (idx < socks.size()) {
-        // Drain everything that is waiting on this socket.
-        for (;;) {
-          auto msg = socks[idx]->Receive(std::chrono::milliseconds(0));
-          if (!msg.ok()) break;
-          HandleMessage(static_cast<int>(idx), *msg);
+  }
+  SendQueued();
+  SendHeartbeats();
+  UpdateSharedMemoryStats();
+}
+
+void Client::Impl::Run() {
+  const auto idle_poll = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::max(options_.heartbeat_interval / 2, std::chrono::milliseconds(1)));
+  std::unique_lock<std::mutex> lock(lease_->mu);
+  auto next_heartbeat_check = Clock::now();
+  while (!stop_.load()) {
+    const auto now = Clock::now();
+    bool take = false;
+    auto wake = next_heartbeat_check;
+    if (!lease_->held) {
+      if (takeover_now_ || now >= next_heartbeat_check || !QueueEmpty()) {
+        take = true;
+      } else if (outstanding_.load() > 0) {
+        const auto due = unattended_since_ + kTakeoverDelay;
+        if (now >= due) {
+          take = true;
+        } else {
+          wake = std::min(wake, due);
         }
-      } else {
-        uint64_t v;
-        ssize_t n = ::read(wake_fd_, &v, sizeof(v));
-        (void)n;
       }
     }
-    std::deque<Command> batch;
-    {
-      std::lock_guard<std::mutex> lock(queue_mu_);
-      batch.swap(queue_);
+    if (!take) {
+      background_wakes_at_ = wake;
+      lease_->cv.wait_until(lock, wake);
+      continue;
     }
-    for (auto& cmd : batch) SendCommand(cmd);
-    SendHeartbeats();
+    lease_->held = true;
+    takeover_now_ = false;
+    lock.unlock();
+    // Drive until nothing is left that nobody else would attend to.
+    do {
+      IoStep(idle_poll);
+    } while (!stop_.load() && (outstanding_.load() > 0 || !QueueEmpty()));
+    lock.lock();
+    lease_->held = false;
+    next_heartbeat_check = Clock::now() + idle_poll;
   }
-  // Fail whatever is still outstanding.
+  // Stopping: wait for a caller that holds the lease to give it back, then
+  // fail whatever is still outstanding.
+  lease_->cv.wait(lock, [&] { return !lease_->held; });
+  lease_->held = true;
+  lock.unlock();
   for (auto& [id, p] : pending_) CompleteOne(p, CancelledError("client shut down"));
   pending_.clear();
-  std::lock_guard<std::mutex> lock(queue_mu_);
+  outstanding_.store(0);
+  std::lock_guard<std::mutex> queue_lock(queue_mu_);
   for (auto& cmd : queue_)
     for (auto& m : cmd.messages) {
       Pending p{m.shard, nullptr, cmd.state, false};
       CompleteOne(p, CancelledError("client shut down"));
     }
   queue_.clear();
+}
+
+// ---------------------------------------------------------------------------
+Status RequestHandle::Wait(std::optional<std::chrono::milliseconds> timeout) {
+  if (!state_) return OkStatus();
+  const auto limit = timeout.value_or(state_->default_timeout);
+  const auto deadline = Clock::now() + limit;
+  if (state_->lease) Client::Impl::DriveUntilAnswered(*state_, deadline);
+  std::unique_lock<std::mutex> lock(state_->mu);
+  if (!state_->cv.wait_until(lock, deadline, [&] { return state_->DoneLocked(); })) {
+    if (state_->outstanding_replies > 0) {
+      state_->abandoned = true;
+      std::string who;
+      for (int s : state_->pending_shards) {
+        if (!who.empty()) who += ", ";
+        who += "shard " + std::to_string(s);
+        if (state_->shard_names && s < static_cast<int>(state_->shard_names->size()))
+          who += " (" + (*state_->shard_names)[s] + ")";
+      }
+      state_->Fail(DeadlineExceededError("no reply from " + who + " after " +
+                                         std::to_string(limit.count()) + " ms"));
+    } else {
+      state_->Fail(DeadlineExceededError("ZeroMQ did not release the pushed buffer in time"));
+    }
+  }
+  return state_->status;
 }
 
 // ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "distval/status.h"
@@ -104,9 +105,22 @@ class Tensor {
  public:
   Tensor() = default;
   Tensor(DType dtype, Shape shape);
+  // A tensor over memory it does not allocate (e.g. a shared-memory segment,
+  // so that a co-located process can read it): `data` must be
+  // kTensorAlignment aligned and hold num_bytes() bytes, and `owner` keeps
+  // it valid for the tensor's lifetime (the tensor holds `owner`). The bytes
+  // are used as they are, not zero-filled.
+  Tensor(DType dtype, Shape shape, std::byte* data, std::shared_ptr<void> owner);
 
-  Tensor(Tensor&&) noexcept = default;
-  Tensor& operator=(Tensor&&) noexcept = default;
+  Tensor(Tensor&& other) noexcept { *this = std::move(other); }
+  Tensor& operator=(Tensor&& other) noexcept {
+    dtype_ = other.dtype_;
+    shape_ = std::move(other.shape_);
+    buffer_ = std::move(other.buffer_);
+    external_ = std::move(other.external_);
+    data_ = std::exchange(other.data_, nullptr);
+    return *this;
+  }
   Tensor(const Tensor&) = delete;
   Tensor& operator=(const Tensor&) = delete;
 
@@ -116,15 +130,15 @@ class Tensor {
   const Shape& shape() const { return shape_; }
   int64_t num_elements() const { return shape_.num_elements(); }
   size_t num_bytes() const { return static_cast<size_t>(num_elements()) * DTypeSize(dtype_); }
-  void* data() { return buffer_.get(); }
-  const void* data() const { return buffer_.get(); }
+  void* data() { return data_; }
+  const void* data() const { return data_; }
   template <typename T>
   T* data_as() {
-    return reinterpret_cast<T*>(buffer_.get());
+    return reinterpret_cast<T*>(data_);
   }
   template <typename T>
   const T* data_as() const {
-    return reinterpret_cast<const T*>(buffer_.get());
+    return reinterpret_cast<const T*>(data_);
   }
   TensorView view() { return TensorView{data(), dtype_, shape_}; }
   TensorView view() const { return TensorView{const_cast<void*>(data()), dtype_, shape_}; }
@@ -132,7 +146,9 @@ class Tensor {
  private:
   DType dtype_ = DType::kF32;
   Shape shape_;
-  AlignedBuffer buffer_;
+  AlignedBuffer buffer_;            // owned storage, or null
+  std::shared_ptr<void> external_;  // keeps external storage alive, or null
+  std::byte* data_ = nullptr;       // buffer_.get() or the external bytes
 };
 
 // Eigen maps over contiguous float data. Vector: all elements. Matrix: rows

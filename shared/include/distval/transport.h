@@ -33,9 +33,15 @@
 #include <utility>
 #include <vector>
 
+#include "distval/shared_memory.h"
 #include "distval/status.h"
 
 namespace distval::transport {
+
+namespace internal {
+class SocketShm;
+class Deadline;
+}  // namespace internal
 
 // Owns the ZeroMQ context (I/O threads). Create one per process in main() or
 // per component; sockets borrow it and must be closed before it is destroyed.
@@ -69,8 +75,15 @@ class Context {
   // Borrowed pointer to the underlying zmq context (void*), for Socket.
   void* raw() const { return ctx_; }
 
+  // The shared-memory segments of this process that this context's sockets
+  // may lend to co-located peers without copying (see SocketOptions::
+  // shared_memory). Register a segment here and a Payload::Borrow of bytes
+  // inside it travels as a reference. Thread-safe.
+  SharedMemoryRegistry& shared_memory() const { return *shared_memory_; }
+
  private:
   void* ctx_;
+  std::shared_ptr<SharedMemoryRegistry> shared_memory_;
 };
 
 // An outgoing frame. Movable, not copyable; may move between threads.
@@ -103,6 +116,7 @@ class Payload {
  private:
   Payload() = default;
   friend class Socket;
+  friend class internal::SocketShm;
   const std::byte* data_ = nullptr;
   size_t size_ = 0;
   std::shared_ptr<const void> owner_;  // null for Copy-less static borrows
@@ -158,11 +172,58 @@ class Frame {
   // view handed to user code).
   std::shared_ptr<const void> owner() const { return holder_; }
 
+  // A frame a co-located sender is still writing (shared memory, received on
+  // a socket with SocketOptions::shared_memory_early_receive): its bytes
+  // arrive in order, front to back. False for every other frame, which is
+  // complete when received.
+  bool streaming() const { return progress_ != nullptr; }
+  // A streaming frame whose bytes pass through a small ring (so that they
+  // stay in cache): data() is null, and the bytes can only be read once, in
+  // order, through Window() (or all at once through Materialized()).
+  bool ring() const { return ring_ != nullptr; }
+  // Waits until the first `bytes` bytes (capped at size()) are there;
+  // returns at once for a frame that is not streaming. DeadlineExceeded
+  // after `timeout`, Unavailable when the sender's process is gone (the rest
+  // will never come). For a ring frame this only says the bytes were
+  // written; read them with Window().
+  Status WaitReady(size_t bytes,
+                   std::chrono::milliseconds timeout = std::chrono::milliseconds(60000)) const;
+  // Bytes [offset, offset + length) once they are there: data() + offset
+  // for an ordinary or contiguous streaming frame; for a ring frame a view
+  // into the ring, valid until the next Window call, and only for windows
+  // that move forward and do not cross a multiple of window_limit() (asking
+  // for `offset` gives the ring the bytes before it back). Errors: those of
+  // WaitReady; OutOfRange for a window outside the frame, FailedPrecondition
+  // for a ring window that goes back or crosses window_limit().
+  StatusOr<const std::byte*> Window(
+      size_t offset, size_t length,
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(60000)) const;
+  // The largest window a ring frame gives at once (windows must not cross
+  // its multiples); size() for other frames.
+  size_t window_limit() const { return ring_ != nullptr ? ring_slot_ : size_; }
+  // A complete frame with the same bytes: *this for a frame that is not
+  // streaming or once WaitReady(size()) returned; a ring frame is read
+  // through (once) into new 64-byte aligned storage. Errors: those of
+  // WaitReady.
+  StatusOr<Frame> Materialized(
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(60000)) const;
+
  private:
   friend class Socket;
+  friend class internal::SocketShm;
   std::shared_ptr<const void> holder_;
   const std::byte* data_ = nullptr;
   size_t size_ = 0;
+  // Streaming frames: bytes written so far (in the sender's shared memory,
+  // kept mapped by holder_) and the sender's pid. Ring frames: the ring, its
+  // size and window size, and where the reader reports what it consumed.
+  const uint64_t* progress_ = nullptr;
+  uint32_t* waiters_ = nullptr;  // who sleeps on the counters (see socket_shm.h)
+  int stream_pid_ = 0;
+  const std::byte* ring_ = nullptr;
+  size_t ring_bytes_ = 0;
+  size_t ring_slot_ = 0;
+  uint64_t* consumed_ = nullptr;
 };
 
 using OutMessage = std::vector<Payload>;
@@ -197,7 +258,46 @@ struct SocketOptions {
   bool router_mandatory = false;
   // TCP keepalive, so that a silently dead peer is noticed by the OS.
   bool tcp_keepalive = true;
+  // Co-located peers: tensor bytes through POSIX shared memory, ZeroMQ
+  // carrying only the small frames and a reference. DEALER: on Connect to a
+  // local endpoint (IsLocalEndpoint) the socket offers it to the peer; it is
+  // used once the peer has proved, through a shared-memory handshake, that
+  // it runs on this host and accepts. ROUTER: accept such offers (refused
+  // when false). Frames of at least shared_memory_min_bytes then travel as a
+  // reference: bytes inside a segment registered with the Context without a
+  // copy, others copied once into a pooled segment. The receiver sees
+  // ordinary Frames (page aligned) that view the sender's memory; the sender
+  // gets the memory back when the receiver drops its last Frame over it.
+  // Both sides must run as the same user. Off: plain ZeroMQ frames only.
+  bool shared_memory = false;
+  size_t shared_memory_min_bytes = 64 * 1024;
+  // Copies into pooled segments stop (frames go through ZeroMQ) once the
+  // pool holds this many bytes lent to peers.
+  size_t shared_memory_pool_bytes = size_t{1} << 30;
+  // A sender copying into a pooled segment sends the message first and then
+  // copies, publishing its progress, so that the receiver can work on the
+  // front of a large frame while the back is still being copied. By default
+  // Receive waits until such frames are complete. With early receive it
+  // returns at once, and the caller must call Frame::WaitReady before
+  // reading the bytes of any frame (Frame::streaming() tells which may not
+  // be complete yet).
+  bool shared_memory_early_receive = false;
 };
+
+// What went through shared memory on one socket (for tests and benchmarks).
+struct SharedMemoryStats {
+  bool active = false;      // DEALER: the peer accepted; ROUTER: some peer did
+  int64_t frames_sent = 0;  // frames sent as a reference
+  int64_t bytes_sent = 0;
+  int64_t frames_lent = 0;      // of those, lent without a copy (registered memory)
+  int64_t frames_received = 0;  // frames received as a reference
+  int64_t bytes_received = 0;
+};
+
+// True for endpoints that can only reach this host: ipc://, inproc://, and
+// tcp:// to a loopback address, "localhost" or an address of one of this
+// host's interfaces.
+bool IsLocalEndpoint(const std::string& endpoint);
 
 // A ZeroMQ socket. Not thread-safe: one thread at a time (normally the I/O
 // thread that created it). Destroying it closes it (pending outgoing messages
@@ -251,9 +351,20 @@ class Socket {
   // Borrowed zmq socket handle (void*), for zmq_poll with other sockets.
   void* raw() const { return socket_; }
 
+  // Shared-memory counters (all zero when SocketOptions::shared_memory is
+  // off).
+  SharedMemoryStats shared_memory_stats() const;
+
  private:
-  explicit Socket(void* socket) : socket_(socket) {}
+  Socket(void* socket, SocketType type);
+  // Sends the frames of `message` (after the shared-memory layer's changes).
+  Status SendFrames(OutMessage& message, std::optional<std::chrono::milliseconds> timeout);
+  // One whole message, before the shared-memory layer looks at it.
+  StatusOr<InMessage> ReceiveOne(const internal::Deadline& deadline,
+                                 std::optional<std::chrono::milliseconds> timeout);
   void* socket_;
+  SocketType type_;
+  std::unique_ptr<internal::SocketShm> shm_;  // null unless shared_memory is on
 };
 
 // Waits until one of `sockets` is readable (a whole message can be received

@@ -63,6 +63,13 @@ struct ClientOptions {
   std::chrono::milliseconds request_timeout{120000};
   // Largest message accepted from a server (ZMQ_MAXMSGSIZE; -1 unlimited).
   int64_t max_message_bytes = -1;
+  // Co-located servers (an ipc:// endpoint, or tcp:// to loopback or an
+  // address of this host): offer POSIX shared memory, and once the server
+  // has accepted, tensors move through it with ZeroMQ carrying only the
+  // headers (a push is one copy into a shared buffer the server applies
+  // from; a pull one copy from the server's parameters into the caller's
+  // buffer). False: ZeroMQ frames only.
+  bool shared_memory = true;
 };
 
 // Per-variable settings for CreateVariable.
@@ -145,6 +152,10 @@ struct ClientStats {
   int64_t staleness_sum = 0;
   int64_t staleness_max = 0;
   int64_t staleness_samples = 0;
+  // Co-located servers: how many accepted shared memory, and the tensor
+  // bytes that moved through it (both directions) instead of ZeroMQ.
+  int shared_memory_shards = 0;
+  int64_t shared_memory_bytes = 0;
 };
 
 class Client {

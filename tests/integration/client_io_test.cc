@@ -1,0 +1,237 @@
+// The worker Client's I/O under concurrency, against a real distval-ps: the
+// sockets move between the background I/O thread and caller threads (the
+// I/O lease, worker/client.cc), so every request must complete whoever
+// drives the sockets: requests waited for on the submitting thread, on
+// another thread, or by nobody; several threads sharing one client; and a
+// client destroyed with requests in flight. Also: a push is acknowledged
+// before the server applies it, yet every later pull reflects it.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "distval/client.h"
+#include "local_cluster.h"
+
+namespace distval {
+namespace {
+
+using testing::LocalCluster;
+using testing::LocalClusterOptions;
+
+std::unique_ptr<Client> Connect(const LocalCluster& c, int index, int num_workers,
+                                bool shared_memory = true) {
+  ClientOptions o;
+  o.shared_memory = shared_memory;
+  o.ps_endpoints = c.endpoints();
+  o.worker_index = index;
+  o.num_workers = num_workers;
+  o.connect_timeout = std::chrono::milliseconds(20000);
+  o.heartbeat_interval = std::chrono::milliseconds(200);
+  auto client = Client::Connect(o);
+  EXPECT_TRUE(client.ok()) << client.status();
+  return client.ok() ? std::move(*client) : nullptr;
+}
+
+// SGD with learning rate 1 from zeros: after pushes of gradients g1..gk the
+// parameters are -(g1 + ... + gk), exactly, for small integer gradients.
+VariableOptions Accumulator() {
+  VariableOptions vo;
+  vo.initializer.kind = protocol::InitZeros{};
+  vo.optimizer.kind = protocol::OptimizerKind::kSgd;
+  vo.optimizer.learning_rate = 1.0;
+  return vo;
+}
+
+LocalClusterOptions AsyncCluster(int shards, int workers) {
+  LocalClusterOptions co;
+  co.num_shards = shards;
+  co.num_workers = workers;
+  co.staleness = "async";
+  return co;
+}
+
+TEST(ClientIoTest, ThreadsSharingOneClientEachReadTheirOwnWrites) {
+  auto cluster = LocalCluster::Start(AsyncCluster(2, 1));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto client = Connect(*cluster, 0, 1);
+  ASSERT_NE(client, nullptr);
+  constexpr int kThreads = 4, kSteps = 200, kElems = 64;
+  for (int t = 0; t < kThreads; ++t) {
+    VariableOptions vo = Accumulator();
+    vo.partitioner = Partitioner::FixedShards(2);
+    ASSERT_TRUE(
+        client->CreateVariable("v" + std::to_string(t), DType::kF32, Shape{kElems}, vo).ok());
+  }
+  auto body = [&](int t) {
+    const std::string name = "v" + std::to_string(t);
+    std::vector<float> g(kElems, static_cast<float>(t + 1)), p(kElems);
+    for (int step = 1; step <= kSteps; ++step) {
+      Status s = client->Push({{name, g}}, /*advance_clock=*/false).Wait();
+      ASSERT_TRUE(s.ok()) << s;
+      s = client->Pull({{name, p}}).Wait();
+      ASSERT_TRUE(s.ok()) << s;
+      // The acknowledged push is visible to the very next pull.
+      for (int i = 0; i < kElems; ++i)
+        ASSERT_EQ(p[i], -static_cast<float>((t + 1) * step)) << name << " step " << step;
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) threads.emplace_back(body, t);
+  for (auto& th : threads) th.join();
+}
+
+TEST(ClientIoTest, RequestsNobodyWaitsForComplete) {
+  auto cluster = LocalCluster::Start(AsyncCluster(1, 1));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto client = Connect(*cluster, 0, 1);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape{1000}, Accumulator()).ok());
+  std::vector<float> g(1000, 2.f), p(1000, 0.f);
+  ASSERT_TRUE(client->Push({{"w", g}}, false).Wait().ok());
+  // Submit and never call Wait: the background thread must take the reply
+  // over, land it in the buffer and complete the handle.
+  RequestHandle h = client->Pull({{"w", p}});
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!h.Done() && std::chrono::steady_clock::now() < give_up)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(h.Done());
+  for (float x : p) ASSERT_EQ(x, -2.f);
+  EXPECT_TRUE(h.Wait(std::chrono::milliseconds(0)).ok());
+}
+
+TEST(ClientIoTest, AHandleCanBeWaitedForOnAnotherThread) {
+  auto cluster = LocalCluster::Start(AsyncCluster(1, 1));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto client = Connect(*cluster, 0, 1);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape{256}, Accumulator()).ok());
+  std::vector<float> g(256, 1.f), p(256, 0.f);
+  for (int round = 1; round <= 100; ++round) {
+    RequestHandle push = client->Push({{"w", g}}, false);
+    Status push_status;
+    std::thread waiter([&] { push_status = push.Wait(); });
+    waiter.join();
+    ASSERT_TRUE(push_status.ok()) << push_status;
+    RequestHandle pull = client->Pull({{"w", p}});
+    Status pull_status;
+    std::thread other([&] { pull_status = pull.Wait(); });
+    other.join();
+    ASSERT_TRUE(pull_status.ok()) << pull_status;
+    ASSERT_EQ(p[0], -static_cast<float>(round));
+    ASSERT_EQ(p[255], -static_cast<float>(round));
+  }
+}
+
+TEST(ClientIoTest, ManyRequestsInFlightAllComplete) {
+  auto cluster = LocalCluster::Start(AsyncCluster(2, 1));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto client = Connect(*cluster, 0, 1);
+  ASSERT_NE(client, nullptr);
+  VariableOptions vo = Accumulator();
+  vo.partitioner = Partitioner::FixedShards(2);
+  ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape{128}, vo).ok());
+  std::vector<float> g(128, 1.f);
+  constexpr int kInFlight = 500;
+  std::vector<RequestHandle> handles;
+  for (int i = 0; i < kInFlight; ++i) handles.push_back(client->Push({{"w", g}}, false));
+  // Wait in reverse order: the last handle's waiter drives every reply.
+  for (int i = kInFlight - 1; i >= 0; --i) ASSERT_TRUE(handles[i].Wait().ok()) << i;
+  std::vector<float> p(128);
+  ASSERT_TRUE(client->Pull({{"w", p}}).Wait().ok());
+  for (float x : p) ASSERT_EQ(x, -static_cast<float>(kInFlight));
+}
+
+TEST(ClientIoTest, AnotherClientSeesAnAcknowledgedPush) {
+  auto cluster = LocalCluster::Start(AsyncCluster(1, 2));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto a = Connect(*cluster, 0, 2);
+  auto b = Connect(*cluster, 1, 2);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  constexpr int kElems = 1 << 20;  // large enough that the apply takes a while
+  ASSERT_TRUE(a->CreateVariable("big", DType::kF32, Shape{kElems}, Accumulator()).ok());
+  ASSERT_TRUE(b->CreateVariable("big", DType::kF32, Shape{kElems}, Accumulator()).ok());
+  std::vector<float> g(kElems, 1.f), p(kElems);
+  for (int step = 1; step <= 5; ++step) {
+    ASSERT_TRUE(a->Push({{"big", g}}, false).Wait().ok());
+    ASSERT_TRUE(b->Pull({{"big", p}}).Wait().ok());
+    ASSERT_EQ(p[0], -static_cast<float>(step));
+    ASSERT_EQ(p[kElems - 1], -static_cast<float>(step));
+  }
+}
+
+TEST(ClientIoTest, DestroyingTheClientCancelsARequestInFlight) {
+  LocalClusterOptions co;
+  co.num_shards = 1;
+  co.num_workers = 2;
+  co.staleness = "0";
+  co.worker_timeout_s = 60;  // worker 1 never shows up, and is not dropped
+  auto cluster = LocalCluster::Start(co);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto client = Connect(*cluster, 0, 2);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape{16}, Accumulator()).ok());
+  std::vector<float> g(16, 1.f), p(16);
+  ASSERT_TRUE(client->Push({{"w", g}}, /*advance_clock=*/true).Wait().ok());
+  // BSP: the pull for clock 1 waits for worker 1, which never comes.
+  RequestHandle held = client->Pull({{"w", p}});
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(held.Done());
+  client.reset();
+  Status s = held.Wait(std::chrono::milliseconds(5000));
+  EXPECT_EQ(s.code(), StatusCode::kCancelled) << s;
+}
+
+// The co-located path (shared memory, gradients streamed into the server's
+// apply) computes exactly what the ZeroMQ path computes.
+TEST(ClientIoTest, SharedMemoryAndTcpGiveTheSameParametersBitForBit) {
+  LocalClusterOptions co = AsyncCluster(1, 1);
+  auto with_shm = LocalCluster::Start(co);
+  co.extra_args = {"--no-shared-memory"};
+  auto without = LocalCluster::Start(co);
+  ASSERT_TRUE(with_shm.ok()) << with_shm.status();
+  ASSERT_TRUE(without.ok()) << without.status();
+  auto a = Connect(*with_shm, 0, 1, /*shared_memory=*/true);
+  auto b = Connect(*without, 0, 1, /*shared_memory=*/true);  // offers, is refused
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  constexpr int64_t kBig = 3 << 20, kSmall = 1000;  // 12 MiB (ring), 4 KB (ZeroMQ)
+  VariableOptions vo;
+  vo.initializer = {5, protocol::InitGlorotUniform{}};
+  vo.optimizer.kind = protocol::OptimizerKind::kAdam;
+  vo.optimizer.learning_rate = 1e-3;
+  for (Client* c : {a.get(), b.get()}) {
+    ASSERT_TRUE(c->CreateVariable("big", DType::kF32, Shape{kBig}, vo).ok());
+    ASSERT_TRUE(c->CreateVariable("small", DType::kF32, Shape{kSmall}, vo).ok());
+  }
+  std::vector<float> g_big(kBig), g_small(kSmall);
+  for (int step = 0; step < 4; ++step) {
+    for (int64_t i = 0; i < kBig; ++i) g_big[i] = static_cast<float>((i * 7 + step) % 13) - 6.f;
+    for (int64_t i = 0; i < kSmall; ++i) g_small[i] = static_cast<float>(i % 5) - 2.f;
+    for (Client* c : {a.get(), b.get()})
+      ASSERT_TRUE(c->Push({{"big", g_big}, {"small", g_small}}).Wait().ok());
+  }
+  std::vector<float> pa(kBig), pb(kBig), sa(kSmall), sb(kSmall);
+  ASSERT_TRUE(a->Pull({{"big", pa}, {"small", sa}}).Wait().ok());
+  ASSERT_TRUE(b->Pull({{"big", pb}, {"small", sb}}).Wait().ok());
+  ASSERT_EQ(pa, pb);
+  ASSERT_EQ(sa, sb);
+  // One optimizer step per push, whichever path the bytes took.
+  for (Client* c : {a.get(), b.get()}) {
+    auto stats = c->Stats();
+    ASSERT_TRUE(stats.ok());
+    for (const auto& var : (*stats)[0].variables) EXPECT_EQ(var.version, 4u) << var.name;
+  }
+  // The first really went through shared memory, the second did not.
+  EXPECT_EQ(a->stats().shared_memory_shards, 1);
+  EXPECT_GE(a->stats().shared_memory_bytes, 4 * kBig * 4 + kBig * 4);
+  EXPECT_EQ(b->stats().shared_memory_shards, 0);
+  EXPECT_EQ(b->stats().shared_memory_bytes, 0);
+}
+
+}  // namespace
+}  // namespace distval

@@ -1,0 +1,361 @@
+// Figures 1-4 and 7: transport limit, push, pull, small requests, the
+// aggregate of 2 ps + 2 workers, and the co-located path.
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <thread>
+
+#include "distval/client.h"
+#include "figures.h"
+#include "raw_zmq.h"
+
+namespace distval::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int64_t kMiB = int64_t{1} << 20;
+
+double GBps(int64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
+
+// The floor of push and pull: 1 MiB to 16 MiB, >= 0.90 x raw.
+std::optional<Floor> TransferFloor(int64_t size) {
+  if (size >= kMiB && size <= 16 * kMiB) return Floor{Floor::Kind::kAtLeast, 0.90};
+  return std::nullopt;
+}
+
+// `shared_memory`: the co-located path (figure 7); off for the figures that
+// measure the network path against raw ZeroMQ over TCP.
+StatusOr<std::unique_ptr<Client>> ConnectClient(const std::vector<std::string>& endpoints,
+                                                int worker_index, int num_workers,
+                                                bool shared_memory = false) {
+  ClientOptions o;
+  o.ps_endpoints = endpoints;
+  o.worker_index = worker_index;
+  o.num_workers = num_workers;
+  o.shared_memory = shared_memory;
+  o.connect_timeout = std::chrono::milliseconds(20000);
+  return Client::Connect(o);
+}
+
+// A dense f32 variable of `bytes` bytes, zeros, plain SGD.
+Status CreateBenchVariable(Client& client, const std::string& name, int64_t bytes,
+                           Partitioner partitioner = Partitioner::None()) {
+  VariableOptions vo;
+  vo.initializer.kind = protocol::InitZeros{};
+  vo.optimizer.kind = protocol::OptimizerKind::kSgd;
+  vo.optimizer.learning_rate = 1e-6;
+  vo.partitioner = partitioner;
+  return client.CreateVariable(name, DType::kF32, Shape({bytes / 4}), vo);
+}
+
+std::string VarName(const std::string& prefix, int64_t bytes) {
+  return prefix + std::to_string(bytes);
+}
+
+// Buffers for one size: a gradient (small non-zero values) and a pull target.
+struct Buffers {
+  explicit Buffers(int64_t bytes)
+      : grad(static_cast<size_t>(bytes / 4), 1e-3f), out(static_cast<size_t>(bytes / 4), 0.f) {}
+  std::vector<float> grad;
+  std::vector<float> out;
+};
+
+// Runs the ops concurrently, one thread each, for about `timing.min_seconds`
+// (after warm-up), and returns the operations per second of all together.
+StatusOr<double> ConcurrentOpsPerSecond(const std::vector<std::function<Status()>>& ops,
+                                        const SampleTiming& timing) {
+  const size_t n = ops.size();
+  std::vector<Status> status(n);
+  std::vector<int64_t> count(n, 0);
+  std::vector<double> elapsed(n, 0);
+  std::atomic<size_t> ready{0};
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      for (int w = 0; w < timing.warmup_iterations && status[i].ok(); ++w) status[i] = ops[i]();
+      ready.fetch_add(1);
+      while (ready.load() < n) std::this_thread::yield();
+      const auto start = Clock::now();
+      while (status[i].ok()) {
+        status[i] = ops[i]();
+        ++count[i];
+        elapsed[i] = std::chrono::duration<double>(Clock::now() - start).count();
+        if (count[i] >= timing.min_iterations && elapsed[i] >= timing.min_seconds) break;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  double total = 0, longest = 0;
+  for (size_t i = 0; i < n; ++i) {
+    DV_RETURN_IF_ERROR(status[i]);
+    total += static_cast<double>(count[i]);
+    longest = std::max(longest, elapsed[i]);
+  }
+  return total / longest;
+}
+
+// --verbose: every sample, in microseconds per operation.
+void PrintSamples(const BenchConfig& config, const std::string& label,
+                  const std::vector<const char*>& names,
+                  const std::vector<std::vector<double>>& samples) {
+  if (!config.verbose) return;
+  for (size_t i = 0; i < samples.size() && i < names.size(); ++i) {
+    std::string line;
+    for (double x : samples[i]) {
+      line += ' ';
+      line += FormatValue(x * 1e6);
+    }
+    std::fprintf(stderr, "[bench] %s %s us:%s\n", label.c_str(), names[i], line.c_str());
+  }
+}
+
+}  // namespace
+
+Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
+                          Report* report) {
+  DV_ASSIGN_OR_RETURN(PsCluster raw, StartRawEcho(config, "transfer", 1));
+  DV_ASSIGN_OR_RETURN(PsCluster ps, StartPs(config, "transfer", 1, 1, "async"));
+  DV_ASSIGN_OR_RETURN(auto raw_client, RawClient::Connect(raw.endpoints));
+  DV_ASSIGN_OR_RETURN(auto client, ConnectClient(ps.endpoints, 0, 1));
+  for (int64_t size : sizes) {
+    const std::string name = VarName("t", size);
+    DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, size));
+    Buffers buf(size);
+    const std::vector<Measure> measures = {
+        [&]() -> StatusOr<double> {
+          return SecondsPerIteration([&] { return raw_client->RoundTrip(buf.grad.data(), size); },
+                                     config.timing);
+        },
+        [&]() -> StatusOr<double> {
+          return SecondsPerIteration(
+              [&] {
+                return client->Push({{name, buf.grad}}).Wait();
+              },
+              config.timing);
+        },
+        [&]() -> StatusOr<double> {
+          return SecondsPerIteration(
+              [&] {
+                return client->Pull({{name, buf.out}}).Wait();
+              },
+              config.timing);
+        },
+    };
+    std::vector<std::vector<double>> samples;
+    DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
+    const double raw_gbps = GBps(size, t[0]);
+    report->Add(Row{.name = "transport",
+                    .figure = "transport: raw ZeroMQ round trip",
+                    .size_bytes = size,
+                    .value = raw_gbps,
+                    .unit = "GB/s"});
+    report->Add(Row{.name = "transport_rtt",
+                    .figure = "transport: raw ZeroMQ round trip",
+                    .size_bytes = size,
+                    .value = t[0] * 1e6,
+                    .unit = "us"});
+    report->Add(Row{.name = "push",
+                    .figure = "push, 1 ps + 1 worker (SGD)",
+                    .size_bytes = size,
+                    .value = GBps(size, t[1]),
+                    .unit = "GB/s",
+                    .limit = raw_gbps,
+                    .limit_name = "raw",
+                    .floor = TransferFloor(size)});
+    report->Add(Row{.name = "pull",
+                    .figure = "pull, 1 ps + 1 worker",
+                    .size_bytes = size,
+                    .value = GBps(size, t[2]),
+                    .unit = "GB/s",
+                    .limit = raw_gbps,
+                    .limit_name = "raw",
+                    .floor = TransferFloor(size)});
+    PrintSamples(config, SizeLabel(size), {"raw", "push", "pull"}, samples);
+  }
+  return OkStatus();
+}
+
+Status RunAggregateFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
+                           Report* report) {
+  DV_ASSIGN_OR_RETURN(PsCluster raw, StartRawEcho(config, "aggregate", 2));
+  DV_ASSIGN_OR_RETURN(PsCluster ps, StartPs(config, "aggregate", 2, 2, "async"));
+  std::vector<std::unique_ptr<RawClient>> raw_clients;
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int w = 0; w < 2; ++w) {
+    DV_ASSIGN_OR_RETURN(auto rc, RawClient::Connect(raw.endpoints));
+    raw_clients.push_back(std::move(rc));
+    DV_ASSIGN_OR_RETURN(auto c, ConnectClient(ps.endpoints, w, 2));
+    clients.push_back(std::move(c));
+  }
+  for (int64_t size : sizes) {
+    const std::string name = VarName("a", size);
+    for (auto& c : clients)
+      DV_RETURN_IF_ERROR(CreateBenchVariable(*c, name, size, Partitioner::FixedShards(2)));
+    std::vector<std::unique_ptr<Buffers>> buf;
+    for (int w = 0; w < 2; ++w) buf.push_back(std::make_unique<Buffers>(size));
+    // Raw: each client sends half of S to each of the two servers at once,
+    // as a worker pushing a variable split over two shards does.
+    std::vector<std::function<Status()>> raw_ops, push_ops, pull_ops;
+    for (int w = 0; w < 2; ++w) {
+      RawClient* rc = raw_clients[w].get();
+      Client* c = clients[w].get();
+      Buffers* b = buf[w].get();
+      raw_ops.push_back([rc, b, size] { return rc->RoundTrip(b->grad.data(), size / 2); });
+      push_ops.push_back([c, b, name] { return c->Push({{name, b->grad}}).Wait(); });
+      pull_ops.push_back([c, b, name] { return c->Pull({{name, b->out}}).Wait(); });
+    }
+    const std::vector<Measure> measures = {
+        [&]() { return ConcurrentOpsPerSecond(raw_ops, config.timing); },
+        [&]() { return ConcurrentOpsPerSecond(push_ops, config.timing); },
+        [&]() { return ConcurrentOpsPerSecond(pull_ops, config.timing); },
+    };
+    DV_ASSIGN_OR_RETURN(std::vector<double> ops, AlternateMedians(measures, config.reps));
+    const double s = static_cast<double>(size) / 1e9;
+    report->Add(Row{.name = "push_2x2",
+                    .figure = "push, 2 ps + 2 workers (aggregate)",
+                    .size_bytes = size,
+                    .value = ops[1] * s,
+                    .unit = "GB/s",
+                    .limit = ops[0] * s,
+                    .limit_name = "2 raw pairs"});
+    report->Add(Row{.name = "pull_2x2",
+                    .figure = "pull, 2 ps + 2 workers (aggregate)",
+                    .size_bytes = size,
+                    .value = ops[2] * s,
+                    .unit = "GB/s",
+                    .limit = ops[0] * s,
+                    .limit_name = "2 raw pairs"});
+  }
+  return OkStatus();
+}
+
+Status RunSmallRequestFigures(const BenchConfig& config, Report* report) {
+  constexpr int64_t kSize = 4096;
+  constexpr int kWindow = 64;
+  DV_ASSIGN_OR_RETURN(PsCluster raw, StartRawEcho(config, "small", 1));
+  DV_ASSIGN_OR_RETURN(PsCluster ps, StartPs(config, "small", 1, 1, "async"));
+  DV_ASSIGN_OR_RETURN(auto raw_client, RawClient::Connect(raw.endpoints));
+  DV_ASSIGN_OR_RETURN(auto client, ConnectClient(ps.endpoints, 0, 1));
+  const std::string name = VarName("s", kSize);
+  DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, kSize));
+  Buffers buf(kSize);
+  SampleTiming latency = config.timing;
+  latency.warmup_iterations = 50;
+  // Many in flight: `batch` requests per timed iteration, kWindow at a time.
+  const int batch = config.quick ? 2000 : 5000;
+  SampleTiming throughput = config.timing;
+  throughput.min_iterations = 1;
+  throughput.warmup_iterations = 1;
+  auto distval_pipelined = [&]() -> Status {
+    std::deque<RequestHandle> in_flight;
+    for (int i = 0; i < batch; ++i) {
+      if (static_cast<int>(in_flight.size()) == kWindow) {
+        DV_RETURN_IF_ERROR(in_flight.front().Wait());
+        in_flight.pop_front();
+      }
+      in_flight.push_back(client->Push({{name, buf.grad}}, /*advance_clock=*/false));
+    }
+    for (auto& h : in_flight) DV_RETURN_IF_ERROR(h.Wait());
+    return OkStatus();
+  };
+  const std::vector<Measure> measures = {
+      [&]() -> StatusOr<double> {
+        return SecondsPerIteration([&] { return raw_client->RoundTrip(buf.grad.data(), kSize); },
+                                   latency);
+      },
+      [&]() -> StatusOr<double> {
+        return SecondsPerIteration(
+            [&] {
+              return client->Push({{name, buf.grad}}).Wait();
+            },
+            latency);
+      },
+      [&]() -> StatusOr<double> {
+        return SecondsPerIteration(
+            [&] { return raw_client->Pipelined(buf.grad.data(), kSize, batch, kWindow); },
+            throughput);
+      },
+      [&]() -> StatusOr<double> { return SecondsPerIteration(distval_pipelined, throughput); },
+  };
+  DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps));
+  report->Add(Row{.name = "push_rtt_4k",
+                  .figure = "4 KiB push round trip",
+                  .size_bytes = kSize,
+                  .value = t[1] * 1e6,
+                  .unit = "us",
+                  .limit = t[0] * 1e6,
+                  .limit_name = "raw",
+                  .floor = Floor{Floor::Kind::kAtMost, 1.25}});
+  report->Add(Row{.name = "push_rps",
+                  .figure = "4 KiB pushes, " + std::to_string(kWindow) + " in flight",
+                  .size_bytes = kSize,
+                  .value = batch / t[3],
+                  .unit = "req/s",
+                  .limit = batch / t[2],
+                  .limit_name = "raw"});
+  return OkStatus();
+}
+
+Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
+                           Report* report) {
+  DV_ASSIGN_OR_RETURN(PsCluster ps, StartPs(config, "colocated", 1, 1, "async"));
+  DV_ASSIGN_OR_RETURN(auto client, ConnectClient(ps.endpoints, 0, 1, /*shared_memory=*/true));
+  for (int64_t size : sizes) {
+    const std::string name = VarName("c", size);
+    DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, size));
+    Buffers buf(size);
+    std::vector<float> dst(buf.grad.size(), 0.f);
+    const std::vector<Measure> measures = {
+        [&]() -> StatusOr<double> {
+          return SecondsPerIteration(
+              [&] {
+                std::memcpy(dst.data(), buf.grad.data(), static_cast<size_t>(size));
+                return OkStatus();
+              },
+              config.timing);
+        },
+        [&]() -> StatusOr<double> {
+          return SecondsPerIteration(
+              [&] {
+                return client->Push({{name, buf.grad}}).Wait();
+              },
+              config.timing);
+        },
+        [&]() -> StatusOr<double> {
+          return SecondsPerIteration(
+              [&] {
+                return client->Pull({{name, buf.out}}).Wait();
+              },
+              config.timing);
+        },
+    };
+    std::vector<std::vector<double>> samples;
+    DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
+    PrintSamples(config, "co-located " + SizeLabel(size), {"memcpy", "push", "pull"}, samples);
+    const double memcpy_gbps = GBps(size, t[0]);
+    std::optional<Floor> floor;
+    if (size == 16 * kMiB) floor = Floor{Floor::Kind::kAtLeast, 0.70};
+    report->Add(Row{.name = "colocated_push",
+                    .figure = "co-located push (shared memory)",
+                    .size_bytes = size,
+                    .value = GBps(size, t[1]),
+                    .unit = "GB/s",
+                    .limit = memcpy_gbps,
+                    .limit_name = "memcpy",
+                    .floor = floor});
+    report->Add(Row{.name = "colocated_pull",
+                    .figure = "co-located pull (shared memory)",
+                    .size_bytes = size,
+                    .value = GBps(size, t[2]),
+                    .unit = "GB/s",
+                    .limit = memcpy_gbps,
+                    .limit_name = "memcpy",
+                    .floor = floor});
+  }
+  return OkStatus();
+}
+
+}  // namespace distval::bench
