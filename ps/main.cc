@@ -9,8 +9,12 @@
 #include <thread>
 
 #include "distval/cluster_spec.h"
+#include "distval/http_endpoint.h"
 #include "distval/logging.h"
+#include "distval/metrics.h"
+#include "distval/timeline.h"
 #include "server.h"
+#include "server_telemetry.h"
 
 namespace {
 
@@ -45,6 +49,8 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(36);
   ps::ServerOptions opt;
   std::string port_file, staleness = "0", cluster_file, log_level = "info", log_format = "text";
+  std::string metrics_address = "0.0.0.0", timeline_path;
+  int metrics_port = 0;
   double worker_timeout_s = 10, pull_deadline_s = 600;
   bool use_tf_config = false;
   app.add_option("--bind", opt.bind,
@@ -84,6 +90,15 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "debug, info, warning or error")
       ->capture_default_str();
   app.add_option("--log-format", log_format, "text or json")->capture_default_str();
+  app.add_option("--metrics-port", metrics_port,
+                 "serve GET /metrics (Prometheus text) and GET /healthz on this HTTP port "
+                 "(0: off)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  app.add_option("--metrics-address", metrics_address, "address the metrics endpoint listens on")
+      ->capture_default_str();
+  app.add_option("--timeline", timeline_path,
+                 "write a Chrome trace (chrome://tracing, Perfetto) of pulls and applies here");
   CLI11_PARSE(app, argc, argv);
 
   auto level = ParseLogLevel(log_level);
@@ -157,15 +172,53 @@ int main(int argc, char** argv) {
 
   sigset_t signals = StopSignals();
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  // Metrics and timeline (before the server, which borrows them).
+  MetricRegistry registry;
+  std::unique_ptr<Timeline> timeline;
+  if (!timeline_path.empty()) {
+    auto t = Timeline::Open(timeline_path, "ps " + std::to_string(opt.shard_index));
+    if (!t.ok()) {
+      std::cerr << "distval-ps: --timeline: " << t.status().message() << "\n";
+      return 2;
+    }
+    timeline = std::move(*t);
+  }
+  auto telemetry = ps::ServerTelemetry::Create(metrics_port > 0 ? &registry : nullptr,
+                                               timeline.get(), opt.shard_index, opt.num_workers);
+  if (!telemetry.ok()) {
+    std::cerr << "distval-ps: " << telemetry.status() << "\n";
+    return 1;
+  }
+  if (metrics_port > 0 || timeline) opt.telemetry = telemetry->get();
+
   auto server = ps::Server::Create(opt);
   if (!server.ok()) {
     std::cerr << "distval-ps: " << server.status() << "\n";
     return 1;
   }
-  DV_LOG(kInfo) << "distval-ps shard " << opt.shard_index << "/" << opt.num_shards
-                << " listening on " << (*server)->endpoint() << "; workers " << opt.num_workers
-                << ", staleness " << ps::StalenessName(opt.staleness) << ", worker timeout "
-                << worker_timeout_s << " s, threads " << opt.threads;
+  std::unique_ptr<HttpEndpoint> http;
+  if (metrics_port > 0) {
+    ps::ServerTelemetry* t = telemetry->get();
+    auto h = HttpEndpoint::Start({metrics_address, metrics_port}, &registry,
+                                 [t] { return t->Health(); });
+    if (!h.ok()) {
+      std::cerr << "distval-ps: --metrics-port: " << h.status().message() << "\n";
+      return 1;
+    }
+    http = std::move(*h);
+  }
+  DV_LOG(kInfo) << "distval-ps role=ps index=" << opt.shard_index << " num_shards="
+                << opt.num_shards << " endpoint=" << (*server)->endpoint()
+                << " num_workers=" << opt.num_workers
+                << " staleness=" << ps::StalenessName(opt.staleness)
+                << " stale_aware_lr=" << (opt.stale_aware_lr ? "on" : "off")
+                << " worker_timeout_s=" << worker_timeout_s << " pull_timeout_s=" << pull_deadline_s
+                << " threads=" << opt.threads << " metrics="
+                << (http ? "http://" + metrics_address + ":" + std::to_string(http->port()) +
+                               "/metrics"
+                         : std::string("off"))
+                << " timeline=" << (timeline ? timeline_path : std::string("off"));
   if (!port_file.empty()) {
     std::string tmp = port_file + ".tmp";
     {
@@ -183,6 +236,10 @@ int main(int argc, char** argv) {
   }
   StopOnSignals(server->get());
   Status s = (*server)->Run();
+  if (timeline) {
+    Status ts = timeline->Close();
+    if (!ts.ok()) DV_LOG(kError) << "--timeline: " << ts;
+  }
   if (!s.ok()) {
     DV_LOG(kError) << "server stopped: " << s;
     return 1;

@@ -20,6 +20,8 @@
 
 namespace distval::ps {
 
+class ServerTelemetry;
+
 struct ServerOptions {
   // ZeroMQ endpoint to bind ("tcp://127.0.0.1:0": OS-chosen port).
   std::string bind = "tcp://127.0.0.1:0";
@@ -39,6 +41,9 @@ struct ServerOptions {
   int threads = 1;
   // Largest accepted message (ZMQ_MAXMSGSIZE); -1: unlimited.
   int64_t max_message_bytes = int64_t{4} << 30;
+  // Metrics and timeline hooks (ps/server_telemetry.h); null: none.
+  // Borrowed: must outlive the server. Called on the dispatcher thread.
+  ServerTelemetry* telemetry = nullptr;
 };
 
 class Server {

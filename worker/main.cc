@@ -12,10 +12,14 @@
 #include "classifier_trainer.h"
 #include "distval/cluster_spec.h"
 #include "distval/dataset.h"
+#include "distval/http_endpoint.h"
 #include "distval/local_parameter_store.h"
 #include "distval/logging.h"
+#include "distval/metrics.h"
 #include "distval/parameter_server_strategy.h"
 #include "distval/protocol.h"
+#include "distval/timeline.h"
+#include "distval/worker_telemetry.h"
 
 namespace {
 
@@ -96,7 +100,9 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(40);
   std::string model = "mlp", data_dir(kDefaultFashionMnistDir), optimizer = "momentum";
   std::string devices = "cpu:0", staleness_text = "0", ps, cluster_file, log_level = "info";
-  std::string summary_json, metrics_out, save_path;
+  std::string summary_json, metrics_out, save_path, log_format = "text";
+  std::string metrics_address = "0.0.0.0", timeline_path;
+  int metrics_port = 0;
   int epochs = 1, global_batch = 64, worker_index = 0, num_workers = 1;
   double lr = 0, slowdown = 1.0;
   uint64_t seed = 1;
@@ -154,6 +160,19 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1.0, 1000.0))
       ->capture_default_str();
   app.add_option("--log-level", log_level, "debug, info, warning or error")->capture_default_str();
+  app.add_option("--log-format", log_format, "text or json")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_option("--metrics-port", metrics_port,
+                 "serve GET /metrics (Prometheus text) and GET /healthz on this HTTP port "
+                 "(0: off)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  app.add_option("--metrics-address", metrics_address, "address the metrics endpoint listens on")
+      ->capture_default_str();
+  app.add_option("--timeline", timeline_path,
+                 "write a Chrome trace (chrome://tracing, Perfetto) of every step here: pull, "
+                 "compute, blocked, reduce, push per replica, requests per server");
   CLI11_PARSE(app, argc, argv);
 
   auto level = ParseLogLevel(log_level);
@@ -193,7 +212,27 @@ int main(int argc, char** argv) {
     Status s = wo.SetCluster(*cluster);
     if (!s.ok()) return Fail(kUsageError, s.message());
   }
-  ConfigureLogging({*level, "worker:" + std::to_string(wo.worker_index), false});
+  ConfigureLogging({*level, "worker:" + std::to_string(wo.worker_index), log_format == "json"});
+
+  // ---- Metrics and timeline (borrowed by the strategy: declared before it).
+  MetricRegistry registry;
+  std::unique_ptr<Timeline> timeline;
+  if (!timeline_path.empty()) {
+    auto t = Timeline::Open(timeline_path, "worker " + std::to_string(wo.worker_index));
+    if (!t.ok()) return Fail(kUsageError, "--timeline: " + t.status().message());
+    timeline = std::move(*t);
+  }
+  auto telemetry =
+      WorkerTelemetry::Create(metrics_port > 0 ? &registry : nullptr, timeline.get(),
+                              wo.worker_index);
+  if (!telemetry.ok()) return Fail(kRuntimeError, telemetry.status().ToString());
+  if (metrics_port > 0 || timeline) wo.telemetry = telemetry->get();
+  std::unique_ptr<HttpEndpoint> http;
+  if (metrics_port > 0) {
+    auto h = HttpEndpoint::Start({metrics_address, metrics_port}, &registry);
+    if (!h.ok()) return Fail(kRuntimeError, "--metrics-port: " + h.status().message());
+    http = std::move(*h);
+  }
 
   std::string ps_list;
   for (const auto& e : wo.ps_endpoints) ps_list += (ps_list.empty() ? "" : ",") + e;
@@ -204,7 +243,11 @@ int main(int argc, char** argv) {
             << " global_batch=" << global_batch << " devices=" << devices << " epochs=" << epochs
             << " seed=" << seed
             << " train_limit=" << (train_limit >= 0 ? std::to_string(train_limit) : "all")
-            << " data=" << data_dir << " slowdown=" << slowdown << std::endl;
+            << " data=" << data_dir << " slowdown=" << slowdown << " metrics="
+            << (http ? "http://" + metrics_address + ":" + std::to_string(http->port()) +
+                           "/metrics"
+                     : std::string("off"))
+            << " timeline=" << (timeline ? timeline_path : std::string("off")) << std::endl;
 
   // ---- Strategy (devices and batch are validated before connecting).
   auto strategy = local ? ParameterServerStrategy::Create(wo, NewLocalParameterStore())
@@ -232,7 +275,13 @@ int main(int argc, char** argv) {
   to.devices = devices;
   to.interactive = isatty(STDOUT_FILENO) != 0;
   to.save_path = save_path;
+  to.telemetry = wo.telemetry;
   Status s = TrainClassifier(**strategy, to, std::cout);
+  strategy->reset();  // no more spans: the timeline can be closed
+  if (timeline) {
+    Status ts = timeline->Close();
+    if (s.ok() && !ts.ok()) s = ts.WithContext("--timeline");
+  }
   if (!s.ok()) return Fail(kRuntimeError, s.ToString());
   return 0;
 }

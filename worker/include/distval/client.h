@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "distval/client_observer.h"
 #include "distval/partitioner.h"
 #include "distval/protocol.h"
 #include "distval/status.h"
@@ -63,6 +64,9 @@ struct ClientOptions {
   std::chrono::milliseconds request_timeout{120000};
   // Largest message accepted from a server (ZMQ_MAXMSGSIZE; -1 unlimited).
   int64_t max_message_bytes = -1;
+  // Sees every request and reply (metrics, timelines); null: none.
+  // Borrowed: must outlive the client. Called on the I/O thread.
+  ClientObserver* observer = nullptr;
 };
 
 // Per-variable settings for CreateVariable.
