@@ -1,5 +1,6 @@
 // distval-ps: one parameter-server shard.
 #include <signal.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -10,8 +11,10 @@
 
 #include "distval/cluster_spec.h"
 #include "distval/http_endpoint.h"
+#include "distval/launcher_env.h"
 #include "distval/logging.h"
 #include "distval/metrics.h"
+#include "distval/rendezvous.h"
 #include "distval/timeline.h"
 #include "server.h"
 #include "server_telemetry.h"
@@ -49,8 +52,9 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(36);
   ps::ServerOptions opt;
   std::string port_file, staleness = "0", cluster_file, log_level = "info", log_format = "text";
-  std::string metrics_address = "0.0.0.0", timeline_path;
-  int metrics_port = 0;
+  std::string metrics_address = "0.0.0.0", timeline_path, rendezvous_dir, advertise_host;
+  int metrics_port = 0, num_ps = 0;
+  bool from_env = false;
   double worker_timeout_s = 10, pull_deadline_s = 600;
   bool use_tf_config = false;
   app.add_option("--bind", opt.bind,
@@ -87,8 +91,7 @@ int main(int argc, char** argv) {
                "take the cluster and this task from the TF_CONFIG environment variable (also "
                "the default when TF_CONFIG is set and no --cluster/--shard-index/--num-shards "
                "is given)");
-  app.add_option("--log-level", log_level, "debug, info, warning or error")
-      ->capture_default_str();
+  app.add_option("--log-level", log_level, "debug, info, warning or error")->capture_default_str();
   app.add_option("--log-format", log_format, "text or json")->capture_default_str();
   app.add_option("--metrics-port", metrics_port,
                  "serve GET /metrics (Prometheus text) and GET /healthz on this HTTP port "
@@ -99,6 +102,17 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--timeline", timeline_path,
                  "write a Chrome trace (chrome://tracing, Perfetto) of pulls and applies here");
+  app.add_flag("--from-env", from_env,
+               "take this shard's index and the job's size from the launcher (mpirun: "
+               "OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/SIZE; srun: SLURM_PROCID/NTASKS) with "
+               "--num-ps: ranks below it serve, the rest work");
+  app.add_option("--num-ps", num_ps, "with --from-env: the number of parameter servers");
+  app.add_option("--rendezvous", rendezvous_dir,
+                 "publish the bound endpoint as DIR/ps-<index>.endpoint for workers to find "
+                 "(a directory every process of the job can read; fresh per job)");
+  app.add_option("--advertise-host", advertise_host,
+                 "with --rendezvous and a wildcard --bind (tcp://*:P, tcp://0.0.0.0:P): the "
+                 "host workers should connect to (default: this machine's host name)");
   CLI11_PARSE(app, argc, argv);
 
   auto level = ParseLogLevel(log_level);
@@ -111,18 +125,48 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // --from-env: the launcher's rank decides the shard.
+  std::optional<LauncherRank> launcher;
+  if (from_env) {
+    auto rank = RankFromEnvironment([](const char* name) -> std::optional<std::string> {
+      const char* v = std::getenv(name);
+      return v ? std::optional<std::string>(v) : std::nullopt;
+    });
+    if (!rank.ok()) {
+      std::cerr << "distval-ps: --from-env: " << rank.status().message() << "\n";
+      return 2;
+    }
+    auto task = AssignTask(*rank, num_ps);
+    if (!task.ok()) {
+      std::cerr << "distval-ps: --from-env: " << task.status().message() << "\n";
+      return 2;
+    }
+    if (task->type != TaskType::kPs) {
+      std::cerr << "distval-ps: --from-env: rank " << rank->rank << " of " << rank->size
+                << " is worker " << task->index << " under --num-ps " << num_ps << " (ranks 0.."
+                << num_ps - 1 << " serve); start a worker there, or use "
+                << "distval-rank\n";
+      return 2;
+    }
+    opt.shard_index = task->index;
+    opt.num_shards = task->num_ps;
+    opt.num_workers = task->num_workers;
+    launcher = *rank;
+  }
+
   // The cluster file or TF_CONFIG, when given, fix the endpoints and counts.
   std::optional<ClusterSpec> cluster;
-  if (!cluster_file.empty()) {
+  if (from_env) {
+    // Taken from the launcher above.
+  } else if (!cluster_file.empty()) {
     auto c = ClusterSpecFromFile(cluster_file);
     if (!c.ok()) {
       std::cerr << "distval-ps: " << c.status().message() << "\n";
       return 2;
     }
     cluster = *c;
-  } else if (use_tf_config ||
-             (std::getenv("TF_CONFIG") != nullptr && !app.count("--shard-index") &&
-              !app.count("--num-shards"))) {
+  } else if (use_tf_config || (std::getenv("TF_CONFIG") != nullptr && !app.count("--shard-index") &&
+                               !app.count("--num-shards"))) {
     const char* tf = std::getenv("TF_CONFIG");
     if (tf == nullptr) {
       std::cerr << "distval-ps: --tf-config given but TF_CONFIG is not set\n";
@@ -208,8 +252,22 @@ int main(int argc, char** argv) {
     }
     http = std::move(*h);
   }
-  DV_LOG(kInfo) << "distval-ps role=ps index=" << opt.shard_index << " num_shards="
-                << opt.num_shards << " endpoint=" << (*server)->endpoint()
+  std::string advertised = (*server)->endpoint();
+  if (!rendezvous_dir.empty()) {
+    if (advertise_host.empty()) {
+      char host[256] = {};
+      if (gethostname(host, sizeof(host) - 1) == 0) advertise_host = host;
+    }
+    auto a = AdvertisedEndpoint((*server)->endpoint(), advertise_host);
+    Status ps = a.ok() ? PublishEndpoint(rendezvous_dir, opt.shard_index, *a) : a.status();
+    if (!ps.ok()) {
+      std::cerr << "distval-ps: --rendezvous: " << ps.message() << "\n";
+      return 1;
+    }
+    advertised = *a;
+  }
+  DV_LOG(kInfo) << "distval-ps role=ps index=" << opt.shard_index
+                << " num_shards=" << opt.num_shards << " endpoint=" << (*server)->endpoint()
                 << " num_workers=" << opt.num_workers
                 << " staleness=" << ps::StalenessName(opt.staleness)
                 << " stale_aware_lr=" << (opt.stale_aware_lr ? "on" : "off")
@@ -218,7 +276,13 @@ int main(int argc, char** argv) {
                 << (http ? "http://" + metrics_address + ":" + std::to_string(http->port()) +
                                "/metrics"
                          : std::string("off"))
-                << " timeline=" << (timeline ? timeline_path : std::string("off"));
+                << " timeline=" << (timeline ? timeline_path : std::string("off")) << " launcher="
+                << (launcher ? launcher->source + ":" + std::to_string(launcher->rank) + "/" +
+                                   std::to_string(launcher->size)
+                             : std::string("none"))
+                << " rendezvous="
+                << (rendezvous_dir.empty() ? std::string("none")
+                                           : rendezvous_dir + " (published " + advertised + ")");
   if (!port_file.empty()) {
     std::string tmp = port_file + ".tmp";
     {

@@ -104,8 +104,10 @@ int Timeline::AddTrack(const std::string& name, int sort_index) {
 
 void Timeline::Span(int track, std::string_view name, Clock::time_point begin,
                     Clock::time_point end, Args args) {
+  // Both ends rounded the same way, so that spans nested in time stay
+  // nested in microseconds.
   const int64_t ts = origin_us_ + Micros(begin - steady_origin_);
-  const int64_t dur = end > begin ? Micros(end - begin) : 0;
+  const int64_t dur = end > begin ? origin_us_ + Micros(end - steady_origin_) - ts : 0;
   std::string ev;
   ev.reserve(128);
   ev += "{\"ph\":\"X\",\"pid\":";

@@ -173,13 +173,15 @@ void WorkerTelemetry::OnStep(const StepTiming& t) {
   if (timeline_ != nullptr)
     timeline_->Span(Track("steps", 0), "step", t.begin, t.end, {{"step", t.step}});
   if (steps_ == nullptr) return;
-  steps_->Increment();
-  clock_->Set(static_cast<double>(t.step + 1));
   step_seconds_->Observe(Seconds(t.end - t.begin));
   const double phases[kPhases] = {t.pull_s, t.compute_s, t.blocked_s, t.reduce_s, t.push_s};
   for (int p = 0; p < kPhases; ++p) phase_seconds_[static_cast<size_t>(p)]->Observe(phases[p]);
   staleness_->Observe(static_cast<double>(t.staleness));
   last_staleness_->Set(static_cast<double>(t.staleness));
+  clock_->Set(static_cast<double>(t.step + 1));
+  // Last: a scrape reads steps_total before the histograms (registration
+  // order), so it never sees more steps than phase observations.
+  steps_->Increment();
 }
 
 void WorkerTelemetry::OnSend(int shard, const protocol::Request& request,
