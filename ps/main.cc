@@ -1,5 +1,6 @@
 // distval-ps: one parameter-server shard.
 #include <signal.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -9,9 +10,15 @@
 #include <thread>
 
 #include "distval/cluster_spec.h"
+#include "distval/http_endpoint.h"
+#include "distval/launcher_env.h"
 #include "distval/logging.h"
 #include "distval/shared_memory.h"
+#include "distval/metrics.h"
+#include "distval/rendezvous.h"
+#include "distval/timeline.h"
 #include "server.h"
+#include "server_telemetry.h"
 
 namespace {
 
@@ -46,6 +53,9 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(36);
   ps::ServerOptions opt;
   std::string port_file, staleness = "0", cluster_file, log_level = "info", log_format = "text";
+  std::string metrics_address = "0.0.0.0", timeline_path, rendezvous_dir, advertise_host;
+  int metrics_port = 0, num_ps = 0;
+  bool from_env = false;
   double worker_timeout_s = 10, pull_deadline_s = 600;
   bool use_tf_config = false;
   app.add_option("--bind", opt.bind,
@@ -87,9 +97,28 @@ int main(int argc, char** argv) {
                "take the cluster and this task from the TF_CONFIG environment variable (also "
                "the default when TF_CONFIG is set and no --cluster/--shard-index/--num-shards "
                "is given)");
-  app.add_option("--log-level", log_level, "debug, info, warning or error")
-      ->capture_default_str();
+  app.add_option("--log-level", log_level, "debug, info, warning or error")->capture_default_str();
   app.add_option("--log-format", log_format, "text or json")->capture_default_str();
+  app.add_option("--metrics-port", metrics_port,
+                 "serve GET /metrics (Prometheus text) and GET /healthz on this HTTP port "
+                 "(0: off)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  app.add_option("--metrics-address", metrics_address, "address the metrics endpoint listens on")
+      ->capture_default_str();
+  app.add_option("--timeline", timeline_path,
+                 "write a Chrome trace (chrome://tracing, Perfetto) of pulls and applies here");
+  app.add_flag("--from-env", from_env,
+               "take this shard's index and the job's size from the launcher (mpirun: "
+               "OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/SIZE; srun: SLURM_PROCID/NTASKS) with "
+               "--num-ps: ranks below it serve, the rest work");
+  app.add_option("--num-ps", num_ps, "with --from-env: the number of parameter servers");
+  app.add_option("--rendezvous", rendezvous_dir,
+                 "publish the bound endpoint as DIR/ps-<index>.endpoint for workers to find "
+                 "(a directory every process of the job can read; fresh per job)");
+  app.add_option("--advertise-host", advertise_host,
+                 "with --rendezvous and a wildcard --bind (tcp://*:P, tcp://0.0.0.0:P): the "
+                 "host workers should connect to (default: this machine's host name)");
   CLI11_PARSE(app, argc, argv);
 
   auto level = ParseLogLevel(log_level);
@@ -102,18 +131,48 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // --from-env: the launcher's rank decides the shard.
+  std::optional<LauncherRank> launcher;
+  if (from_env) {
+    auto rank = RankFromEnvironment([](const char* name) -> std::optional<std::string> {
+      const char* v = std::getenv(name);
+      return v ? std::optional<std::string>(v) : std::nullopt;
+    });
+    if (!rank.ok()) {
+      std::cerr << "distval-ps: --from-env: " << rank.status().message() << "\n";
+      return 2;
+    }
+    auto task = AssignTask(*rank, num_ps);
+    if (!task.ok()) {
+      std::cerr << "distval-ps: --from-env: " << task.status().message() << "\n";
+      return 2;
+    }
+    if (task->type != TaskType::kPs) {
+      std::cerr << "distval-ps: --from-env: rank " << rank->rank << " of " << rank->size
+                << " is worker " << task->index << " under --num-ps " << num_ps << " (ranks 0.."
+                << num_ps - 1 << " serve); start a worker there, or use "
+                << "distval-rank\n";
+      return 2;
+    }
+    opt.shard_index = task->index;
+    opt.num_shards = task->num_ps;
+    opt.num_workers = task->num_workers;
+    launcher = *rank;
+  }
+
   // The cluster file or TF_CONFIG, when given, fix the endpoints and counts.
   std::optional<ClusterSpec> cluster;
-  if (!cluster_file.empty()) {
+  if (from_env) {
+    // Taken from the launcher above.
+  } else if (!cluster_file.empty()) {
     auto c = ClusterSpecFromFile(cluster_file);
     if (!c.ok()) {
       std::cerr << "distval-ps: " << c.status().message() << "\n";
       return 2;
     }
     cluster = *c;
-  } else if (use_tf_config ||
-             (std::getenv("TF_CONFIG") != nullptr && !app.count("--shard-index") &&
-              !app.count("--num-shards"))) {
+  } else if (use_tf_config || (std::getenv("TF_CONFIG") != nullptr && !app.count("--shard-index") &&
+                               !app.count("--num-shards"))) {
     const char* tf = std::getenv("TF_CONFIG");
     if (tf == nullptr) {
       std::cerr << "distval-ps: --tf-config given but TF_CONFIG is not set\n";
@@ -168,15 +227,73 @@ int main(int argc, char** argv) {
 
   sigset_t signals = StopSignals();
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  // Metrics and timeline (before the server, which borrows them).
+  MetricRegistry registry;
+  std::unique_ptr<Timeline> timeline;
+  if (!timeline_path.empty()) {
+    auto t = Timeline::Open(timeline_path, "ps " + std::to_string(opt.shard_index));
+    if (!t.ok()) {
+      std::cerr << "distval-ps: --timeline: " << t.status().message() << "\n";
+      return 2;
+    }
+    timeline = std::move(*t);
+  }
+  auto telemetry = ps::ServerTelemetry::Create(metrics_port > 0 ? &registry : nullptr,
+                                               timeline.get(), opt.shard_index, opt.num_workers);
+  if (!telemetry.ok()) {
+    std::cerr << "distval-ps: " << telemetry.status() << "\n";
+    return 1;
+  }
+  if (metrics_port > 0 || timeline) opt.telemetry = telemetry->get();
+
   auto server = ps::Server::Create(opt);
   if (!server.ok()) {
     std::cerr << "distval-ps: " << server.status() << "\n";
     return 1;
   }
-  DV_LOG(kInfo) << "distval-ps shard " << opt.shard_index << "/" << opt.num_shards
-                << " listening on " << (*server)->endpoint() << "; workers " << opt.num_workers
-                << ", staleness " << ps::StalenessName(opt.staleness) << ", worker timeout "
-                << worker_timeout_s << " s, threads " << opt.threads;
+  std::unique_ptr<HttpEndpoint> http;
+  if (metrics_port > 0) {
+    ps::ServerTelemetry* t = telemetry->get();
+    auto h = HttpEndpoint::Start({metrics_address, metrics_port}, &registry,
+                                 [t] { return t->Health(); });
+    if (!h.ok()) {
+      std::cerr << "distval-ps: --metrics-port: " << h.status().message() << "\n";
+      return 1;
+    }
+    http = std::move(*h);
+  }
+  std::string advertised = (*server)->endpoint();
+  if (!rendezvous_dir.empty()) {
+    if (advertise_host.empty()) {
+      char host[256] = {};
+      if (gethostname(host, sizeof(host) - 1) == 0) advertise_host = host;
+    }
+    auto a = AdvertisedEndpoint((*server)->endpoint(), advertise_host);
+    Status ps = a.ok() ? PublishEndpoint(rendezvous_dir, opt.shard_index, *a) : a.status();
+    if (!ps.ok()) {
+      std::cerr << "distval-ps: --rendezvous: " << ps.message() << "\n";
+      return 1;
+    }
+    advertised = *a;
+  }
+  DV_LOG(kInfo) << "distval-ps role=ps index=" << opt.shard_index
+                << " num_shards=" << opt.num_shards << " endpoint=" << (*server)->endpoint()
+                << " num_workers=" << opt.num_workers
+                << " staleness=" << ps::StalenessName(opt.staleness)
+                << " stale_aware_lr=" << (opt.stale_aware_lr ? "on" : "off")
+                << " worker_timeout_s=" << worker_timeout_s << " pull_timeout_s=" << pull_deadline_s
+                << " threads=" << opt.threads << " metrics="
+                << (http ? "http://" + metrics_address + ":" + std::to_string(http->port()) +
+                               "/metrics"
+                         : std::string("off"))
+                << " timeline=" << (timeline ? timeline_path : std::string("off")) << " launcher="
+                << (launcher ? launcher->source + ":" + std::to_string(launcher->rank) + "/" +
+                                   std::to_string(launcher->size)
+                             : std::string("none"))
+                << " rendezvous="
+                << (rendezvous_dir.empty() ? std::string("none")
+                                           : rendezvous_dir + " (published " + advertised + ")");
   if (!port_file.empty()) {
     std::string tmp = port_file + ".tmp";
     {
@@ -194,6 +311,10 @@ int main(int argc, char** argv) {
   }
   StopOnSignals(server->get());
   Status s = (*server)->Run();
+  if (timeline) {
+    Status ts = timeline->Close();
+    if (!ts.ok()) DV_LOG(kError) << "--timeline: " << ts;
+  }
   if (!s.ok()) {
     DV_LOG(kError) << "server stopped: " << s;
     return 1;

@@ -19,6 +19,7 @@
 #include "distval/encoding.h"
 #include "distval/logging.h"
 #include "distval/transport.h"
+#include "server_telemetry.h"
 #include "variable_store.h"
 
 namespace distval::ps {
@@ -201,6 +202,7 @@ class Server::Impl {
     Frame identity;
     Request request;
     InMessage frames;  // the whole message (payload frames for sparse indices)
+    TimePoint arrived = ControllerClock::now();
   };
 
   void HandleMessage(InMessage& msg);
@@ -329,6 +331,7 @@ void Server::Impl::SendReply(const Frame& identity, Reply reply, std::vector<Pay
   out.push_back(Payload::Copy(identity.bytes()));
   out.push_back(Payload::Copy(protocol::EncodeReply(reply)));
   for (auto& p : payloads) out.push_back(std::move(p));
+  if (options_.telemetry) options_.telemetry->OnReply(reply, out);
   Status s = socket_->Send(std::move(out), std::chrono::milliseconds(1000));
   if (!s.ok()) {
     DV_LOG(kWarning) << "reply to request " << reply.request_id << " lost: " << s;
@@ -339,6 +342,7 @@ void Server::Impl::SendError(const Frame& identity, uint64_t request_id, const S
   Reply r = NewReply(request_id);
   r.code = status.code();
   r.message = status.message();
+  if (options_.telemetry) options_.telemetry->OnError(status.code());
   DV_LOG(kDebug) << "request " << request_id << " failed: " << status;
   SendReply(identity, std::move(r));
 }
@@ -373,6 +377,7 @@ Status Server::Impl::Run() {
       }
     }
     Act(controller_->Tick());
+    if (options_.telemetry) options_.telemetry->Publish(*controller_, store_);
   }
   return OkStatus();
 }
@@ -393,6 +398,7 @@ void Server::Impl::HandleMessage(InMessage& msg) {
     SendError(identity, 0, req.status());
     return;
   }
+  if (options_.telemetry) options_.telemetry->OnRequest(*req, msg);
   // Payload frame k of the request is msg[k + 1]; drop the identity so that
   // TensorRef::frame indexes `payloads` directly.
   InMessage payloads(msg.begin() + 1, msg.end());
@@ -586,7 +592,9 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     DV_ASSIGN_OR_RETURN(plan,
                         controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
     if (stale_aware_lr_) lr_scale = 1.0f / (1.0f + static_cast<float>(plan.staleness));
+    if (options_.telemetry) options_.telemetry->OnPushStaleness(plan.staleness);
   }
+  ApplyTimer apply_timer(options_.telemetry, req.clock, req.worker_id);
   // 3. Acknowledge: the push is validated and queued in arrival order.
   SendReply(identity, NewReply(req.request_id));
   // 4. Apply (or keep) it, then act on what the push completed.
@@ -626,6 +634,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     }
     FloatPayload g = ToFloats(u.values, frame);
     if (plan.routes[i] == PushRoute::kApplyNow) {
+      apply_timer.Arm();
       Status s;
       if (range != nullptr) {
         s = VariableStore::ApplyDense(*v, *range, g.values.data(), 1.0f, lr_scale, runner_);
@@ -654,6 +663,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
 }
 
 void Server::Impl::ApplyCompleted(const CompletedClock& done) {
+  ApplyTimer apply_timer(options_.telemetry, done.clock, -1, /*armed=*/true);
   auto clock_it = accum_.find(done.clock);
   for (const CompletedUpdate& cu : done.updates) {
     if (clock_it == accum_.end()) break;
@@ -820,6 +830,7 @@ void Server::Impl::HandlePull(const Frame& identity, Request& req, InMessage& ms
 
 void Server::Impl::AnswerPull(const Held& held) {
   const auto& pull = std::get<protocol::Pull>(held.request.body);
+  if (options_.telemetry) options_.telemetry->OnPullAnswered(held.request, held.arrived);
   Reply reply = NewReply(held.request.request_id);
   protocol::PullReply pr;
   std::vector<Payload> payloads;

@@ -20,6 +20,8 @@
 
 namespace distval::ps {
 
+class ServerTelemetry;
+
 struct ServerOptions {
   // ZeroMQ endpoint to bind ("tcp://127.0.0.1:0": OS-chosen port).
   std::string bind = "tcp://127.0.0.1:0";
@@ -45,6 +47,9 @@ struct ServerOptions {
   // straight from them into the worker's buffer. Off: ZeroMQ frames only.
   bool shared_memory = true;
   size_t shared_memory_min_bytes = 64 * 1024;
+  // Metrics and timeline hooks (ps/server_telemetry.h); null: none.
+  // Borrowed: must outlive the server. Called on the dispatcher thread.
+  ServerTelemetry* telemetry = nullptr;
 };
 
 class Server {

@@ -57,6 +57,7 @@ class TrainerCallback final : public Callback {
     }
     examples_ += logs.examples;
     ++steps_;
+    if (options_.telemetry != nullptr) options_.telemetry->RecordBatch(logs.examples, logs.loss);
     if (metrics_ != nullptr) {
       *metrics_ << json{{"type", "step"},
                         {"worker", worker_},

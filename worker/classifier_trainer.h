@@ -22,6 +22,7 @@
 #include "distval/layers.h"
 #include "distval/parameter_server_strategy.h"
 #include "distval/status.h"
+#include "distval/worker_telemetry.h"
 
 namespace distval {
 
@@ -49,6 +50,8 @@ struct TrainerOptions {
   bool interactive = false;
   // Model::Save the trained model here (worker 0 and --local; "" = no).
   std::string save_path;
+  // Told each batch's examples and loss (metrics); null: none. Borrowed.
+  WorkerTelemetry* telemetry = nullptr;
 };
 
 // The built-in model `name` (InvalidArgument naming it otherwise).

@@ -397,6 +397,7 @@ void Client::Impl::SendCommand(Command& cmd) {
     bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
     pending_[id] = Pending{m.shard, std::move(m.on_reply), cmd.state, is_pull};
     outstanding_.fetch_add(1);
+    if (options_.observer) options_.observer->OnSend(m.shard, m.request, out);
     Status s = sockets_[m.shard]->Send(std::move(out), std::chrono::milliseconds(0));
     if (!s.ok()) {
       // The DEALER queue is full or the socket failed: report it now.
@@ -422,6 +423,7 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
                      << reply.status();
     return;
   }
+  if (options_.observer) options_.observer->OnReply(shard, *reply, msg);
   auto it = pending_.find(reply->request_id);
   if (it == pending_.end()) {
     // Heartbeat replies and replies to abandoned requests.

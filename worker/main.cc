@@ -12,10 +12,16 @@
 #include "classifier_trainer.h"
 #include "distval/cluster_spec.h"
 #include "distval/dataset.h"
+#include "distval/http_endpoint.h"
+#include "distval/launcher_env.h"
 #include "distval/local_parameter_store.h"
 #include "distval/logging.h"
+#include "distval/metrics.h"
 #include "distval/parameter_server_strategy.h"
 #include "distval/protocol.h"
+#include "distval/rendezvous.h"
+#include "distval/timeline.h"
+#include "distval/worker_telemetry.h"
 
 namespace {
 
@@ -96,7 +102,11 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(40);
   std::string model = "mlp", data_dir(kDefaultFashionMnistDir), optimizer = "momentum";
   std::string devices = "cpu:0", staleness_text = "0", ps, cluster_file, log_level = "info";
-  std::string summary_json, metrics_out, save_path;
+  std::string summary_json, metrics_out, save_path, log_format = "text";
+  std::string metrics_address = "0.0.0.0", timeline_path, rendezvous_dir;
+  int metrics_port = 0, num_ps = 0;
+  double rendezvous_timeout_s = 300;
+  bool from_env = false;
   int epochs = 1, global_batch = 64, worker_index = 0, num_workers = 1;
   double lr = 0, slowdown = 1.0;
   uint64_t seed = 1;
@@ -154,10 +164,84 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1.0, 1000.0))
       ->capture_default_str();
   app.add_option("--log-level", log_level, "debug, info, warning or error")->capture_default_str();
+  app.add_option("--log-format", log_format, "text or json")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_option("--metrics-port", metrics_port,
+                 "serve GET /metrics (Prometheus text) and GET /healthz on this HTTP port "
+                 "(0: off)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  app.add_option("--metrics-address", metrics_address, "address the metrics endpoint listens on")
+      ->capture_default_str();
+  app.add_option("--timeline", timeline_path,
+                 "write a Chrome trace (chrome://tracing, Perfetto) of every step here: pull, "
+                 "compute, blocked, reduce, push per replica, requests per server");
+  app.add_flag("--from-env", from_env,
+               "take this worker's index and the job's size from the launcher (mpirun: "
+               "OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/SIZE; srun: SLURM_PROCID/NTASKS) with "
+               "--num-ps: ranks below it serve, the rest work");
+  app.add_option("--num-ps", num_ps,
+                 "with --from-env or --rendezvous: the number of parameter servers");
+  app.add_option("--rendezvous", rendezvous_dir,
+                 "wait for the servers' endpoints in DIR/ps-<i>.endpoint (see distval-ps "
+                 "--rendezvous) instead of --ps");
+  app.add_option("--rendezvous-timeout", rendezvous_timeout_s,
+                 "seconds to wait for every server to publish its endpoint")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   auto level = ParseLogLevel(log_level);
   if (!level.ok()) return Fail(kUsageError, "--log-level: " + level.status().message());
+  ConfigureLogging({*level, "worker", log_format == "json"});
+
+  // ---- Launcher rank (--from-env) and rendezvous (--rendezvous).
+  std::string launcher = "none";
+  if (from_env) {
+    if (local) return Fail(kUsageError, "--from-env and --local exclude each other");
+    auto rank = RankFromEnvironment([](const char* name) -> std::optional<std::string> {
+      const char* v = std::getenv(name);
+      return v ? std::optional<std::string>(v) : std::nullopt;
+    });
+    if (!rank.ok()) return Fail(kUsageError, "--from-env: " + rank.status().message());
+    auto task = AssignTask(*rank, num_ps);
+    if (!task.ok()) return Fail(kUsageError, "--from-env: " + task.status().message());
+    if (task->type != TaskType::kWorker)
+      return Fail(kUsageError, "--from-env: rank " + std::to_string(rank->rank) + " of " +
+                                   std::to_string(rank->size) + " is parameter server " +
+                                   std::to_string(task->index) + " under --num-ps " +
+                                   std::to_string(num_ps) +
+                                   " (start distval-ps there, or use distval-rank)");
+    worker_index = task->index;
+    num_workers = task->num_workers;
+    launcher = rank->source + ":" + std::to_string(rank->rank) + "/" + std::to_string(rank->size);
+    if (rendezvous_dir.empty() && ps.empty())
+      return Fail(kUsageError, "--from-env needs --rendezvous DIR or --ps ENDPOINTS");
+    if (!cluster_file.empty() || use_tf_config)
+      return Fail(kUsageError, "--from-env excludes --cluster and --tf-config");
+    if (rendezvous_dir.empty() && static_cast<int>(SplitList(ps).size()) != num_ps)
+      return Fail(kUsageError, "--from-env: --ps lists " + std::to_string(SplitList(ps).size()) +
+                                   " endpoint(s) but --num-ps is " + std::to_string(num_ps));
+  }
+  if (!rendezvous_dir.empty() && !local) {
+    if (num_ps < 1) return Fail(kUsageError, "--rendezvous needs --num-ps N");
+    ConfigureLogging({*level, "worker:" + std::to_string(worker_index), log_format == "json"});
+    auto endpoints = WaitForEndpoints(
+        rendezvous_dir, num_ps,
+        std::chrono::milliseconds(static_cast<int64_t>(rendezvous_timeout_s * 1000)),
+        [&](const std::vector<int>& missing, std::chrono::seconds waited) {
+          std::string who;
+          for (int i : missing)
+            who += (who.empty() ? "" : ", ") + std::string("ps ") + std::to_string(i) + " (" +
+                   RendezvousPath(rendezvous_dir, i) + ")";
+          DV_LOG(kInfo) << "waiting for " << who << " for " << waited.count()
+                        << " s (giving up after " << rendezvous_timeout_s << " s)";
+        });
+    if (!endpoints.ok())
+      return Fail(kRuntimeError, "--rendezvous: " + endpoints.status().message());
+    ps.clear();
+    for (const auto& e : *endpoints) ps += (ps.empty() ? "" : ",") + e;
+  }
 
   // ---- Cluster and settings.
   auto staleness = ParseStaleness(staleness_text);
@@ -193,7 +277,26 @@ int main(int argc, char** argv) {
     Status s = wo.SetCluster(*cluster);
     if (!s.ok()) return Fail(kUsageError, s.message());
   }
-  ConfigureLogging({*level, "worker:" + std::to_string(wo.worker_index), false});
+  ConfigureLogging({*level, "worker:" + std::to_string(wo.worker_index), log_format == "json"});
+
+  // ---- Metrics and timeline (borrowed by the strategy: declared before it).
+  MetricRegistry registry;
+  std::unique_ptr<Timeline> timeline;
+  if (!timeline_path.empty()) {
+    auto t = Timeline::Open(timeline_path, "worker " + std::to_string(wo.worker_index));
+    if (!t.ok()) return Fail(kUsageError, "--timeline: " + t.status().message());
+    timeline = std::move(*t);
+  }
+  auto telemetry = WorkerTelemetry::Create(metrics_port > 0 ? &registry : nullptr, timeline.get(),
+                                           wo.worker_index);
+  if (!telemetry.ok()) return Fail(kRuntimeError, telemetry.status().ToString());
+  if (metrics_port > 0 || timeline) wo.telemetry = telemetry->get();
+  std::unique_ptr<HttpEndpoint> http;
+  if (metrics_port > 0) {
+    auto h = HttpEndpoint::Start({metrics_address, metrics_port}, &registry);
+    if (!h.ok()) return Fail(kRuntimeError, "--metrics-port: " + h.status().message());
+    http = std::move(*h);
+  }
 
   std::string ps_list;
   for (const auto& e : wo.ps_endpoints) ps_list += (ps_list.empty() ? "" : ",") + e;
@@ -204,7 +307,13 @@ int main(int argc, char** argv) {
             << " global_batch=" << global_batch << " devices=" << devices << " epochs=" << epochs
             << " seed=" << seed
             << " train_limit=" << (train_limit >= 0 ? std::to_string(train_limit) : "all")
-            << " data=" << data_dir << " slowdown=" << slowdown << std::endl;
+            << " data=" << data_dir << " slowdown=" << slowdown << " metrics="
+            << (http ? "http://" + metrics_address + ":" + std::to_string(http->port()) + "/metrics"
+                     : std::string("off"))
+            << " timeline=" << (timeline ? timeline_path : std::string("off"))
+            << " launcher=" << launcher
+            << " rendezvous=" << (rendezvous_dir.empty() ? std::string("none") : rendezvous_dir)
+            << std::endl;
 
   // ---- Strategy (devices and batch are validated before connecting).
   auto strategy = local ? ParameterServerStrategy::Create(wo, NewLocalParameterStore())
@@ -232,7 +341,13 @@ int main(int argc, char** argv) {
   to.devices = devices;
   to.interactive = isatty(STDOUT_FILENO) != 0;
   to.save_path = save_path;
+  to.telemetry = wo.telemetry;
   Status s = TrainClassifier(**strategy, to, std::cout);
+  strategy->reset();  // no more spans: the timeline can be closed
+  if (timeline) {
+    Status ts = timeline->Close();
+    if (s.ok() && !ts.ok()) s = ts.WithContext("--timeline");
+  }
   if (!s.ok()) return Fail(kRuntimeError, s.ToString());
   return 0;
 }

@@ -89,6 +89,7 @@ StatusOr<std::unique_ptr<ParameterServerStrategy>> ParameterServerStrategy::Crea
   co.num_workers = options.num_workers;
   co.role = protocol::Role::kWorker;
   co.expected_staleness = options.staleness;
+  if (co.observer == nullptr) co.observer = options.telemetry;
   DV_ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Client::Connect(co));
   return Create(options, NewRemoteParameterStore(std::move(client)));
 }
@@ -110,6 +111,8 @@ StatusOr<std::unique_ptr<ParameterServerStrategy>> ParameterServerStrategy::Crea
   s->pool_ = std::make_unique<internal::ReplicaPool>(n);
   s->group_ = std::make_unique<internal::ReplicaGroup>(n);
   s->in_step_ = std::make_unique<std::atomic<bool>[]>(static_cast<size_t>(n));
+  s->telemetry_ = options.telemetry;
+  s->collective_enter_ = std::make_unique<Clock::time_point[]>(static_cast<size_t>(n));
   // Each backend is created on its replica's thread (the only thread that
   // uses it during training).
   s->backends_.resize(static_cast<size_t>(n));
@@ -381,8 +384,10 @@ Status ParameterServerStrategy::PullIfStale() {
   }
   // A failed prefetch's vector may still be written by a late reply: drop it.
   prefetch_.reset();
-  const double wait = Seconds(Clock::now() - t0);
+  const auto t1 = Clock::now();
+  const double wait = Seconds(t1 - t0);
   if (!s.ok()) return s.WithContext("pull at clock " + Num(store_->clock()));
+  if (telemetry_ != nullptr) telemetry_->OnPull(store_->clock(), t0, t1);
   pending_pull_wait_s_ += wait;
   stats_.pulls += 1;
   stats_.pull_wait_s += wait;
@@ -444,12 +449,16 @@ Status ParameterServerStrategy::RunImpl(const std::function<Status(ReplicaContex
   if (pool_->CurrentReplica() >= 0)
     return FailedPreconditionError("Run called from a step function: Runs do not nest");
   std::lock_guard<std::mutex> lock(run_mu_);
+  const auto step_begin = Clock::now();
   const int64_t pulls_before = stats_.pulls;
   DV_RETURN_IF_ERROR(PullIfStale());
   const bool mirror = stats_.pulls != pulls_before;
   group_->Reset();
   push_wait_in_run_ = 0;
   pushed_in_run_ = false;
+  run_step_ = store_->clock();
+  blocked_in_run_ = 0;
+  reduce_in_run_ = 0;
   const int n = num_local_replicas();
   std::vector<Status> statuses(static_cast<size_t>(n));
   std::atomic<bool> mirror_failed{false};
@@ -458,20 +467,27 @@ Status ParameterServerStrategy::RunImpl(const std::function<Status(ReplicaContex
   pool_->RunAll([&](int r) {
     Status s;
     if (mirror) {
+      const auto m0 = Clock::now();
       s = MirrorInto(r);
       if (!s.ok()) mirror_failed.store(true);
+      if (telemetry_ != nullptr)
+        telemetry_->OnReplicaSpan(r, StepPhase::kMirror, run_step_, m0, Clock::now());
     }
     if (s.ok()) {
       ReplicaContext ctx(this, backends_[static_cast<size_t>(r)].get(), r, n, worker_index_,
                          num_workers_);
+      const auto c0 = Clock::now();
       in_step_[static_cast<size_t>(r)].store(true);
       s = fn(ctx);
       in_step_[static_cast<size_t>(r)].store(false);
+      if (telemetry_ != nullptr)
+        telemetry_->OnReplicaSpan(r, StepPhase::kCompute, run_step_, c0, Clock::now());
     }
     group_->Leave(r, s);
     statuses[static_cast<size_t>(r)] = std::move(s);
   });
-  const double run_s = Seconds(Clock::now() - t0);
+  const auto run_end = Clock::now();
+  const double run_s = Seconds(run_end - t0);
   running_.store(false);
   if (mirror) pulled_.clear();  // releases the received frames
   if (mirror_failed.load()) mirror_stale_ = true;
@@ -490,6 +506,19 @@ Status ParameterServerStrategy::RunImpl(const std::function<Status(ReplicaContex
     const size_t k = static_cast<size_t>(last_step_.staleness);
     if (stats_.staleness_histogram.size() <= k) stats_.staleness_histogram.resize(k + 1, 0);
     stats_.staleness_histogram[k] += 1;
+    if (telemetry_ != nullptr) {
+      StepTiming t;
+      t.step = run_step_;
+      t.begin = step_begin;
+      t.end = run_end;
+      t.pull_s = last_step_.pull_wait_s;
+      t.push_s = push_wait_in_run_;
+      t.blocked_s = blocked_in_run_;
+      t.reduce_s = reduce_in_run_;
+      t.compute_s = std::max(0.0, run_s - push_wait_in_run_ - blocked_in_run_ - reduce_in_run_);
+      t.staleness = last_step_.staleness;
+      telemetry_->OnStep(t);
+    }
   }
   DV_RETURN_IF_ERROR(group_->first_failure());
   for (const Status& s : statuses) DV_RETURN_IF_ERROR(s);
@@ -575,6 +604,8 @@ StatusOr<std::span<const float>> ParameterServerStrategy::ReducedGradient(Mirror
 
 Status ParameterServerStrategy::PushGradients(std::span<MirroredVariable* const> variables,
                                               bool only_trainable) {
+  const auto merge_begin = Clock::now();
+  merge_begin_ = merge_begin;
   push_sources_.clear();
   for (MirroredVariable* v : variables) {
     if (v == nullptr || v->strategy_ != this)
@@ -588,6 +619,10 @@ Status ParameterServerStrategy::PushGradients(std::span<MirroredVariable* const>
   }
   const int64_t clock = store_->clock();
   const auto t0 = Clock::now();
+  reduce_in_run_ += Seconds(t0 - merge_begin);
+  const int replica = pool_->CurrentReplica();
+  if (telemetry_ != nullptr)
+    telemetry_->OnReplicaSpan(replica, StepPhase::kReduce, run_step_, merge_begin, t0);
   prefetch_.reset();  // from an earlier push of this Run: out of date
   RequestHandle pushed;
   Status s = store_->StartPush(push_sources_, &pushed);
@@ -604,8 +639,11 @@ Status ParameterServerStrategy::PushGradients(std::span<MirroredVariable* const>
     }
     s = pushed.Wait();
   }
-  push_wait_in_run_ += Seconds(Clock::now() - t0);
+  const auto t1 = Clock::now();
+  push_wait_in_run_ += Seconds(t1 - t0);
   pushed_in_run_ = true;
+  if (telemetry_ != nullptr)
+    telemetry_->OnReplicaSpan(replica, StepPhase::kPush, run_step_, t0, t1);
   return s.WithContext("push of step " + Num(clock));
 }
 
@@ -616,10 +654,22 @@ Status ReplicaContext::Collective(const void* mine, const internal::MergeFunctio
   return strategy_->Collective(local_replica_id_, mine, merge, result);
 }
 
+void ParameterServerStrategy::RecordApplyGradients(int replica, Clock::time_point enter) {
+  const auto now = Clock::now();
+  // The replica that ran the merge was blocked until the merge began; the
+  // others until the collective ended.
+  const bool merged_here = replica == 0 && merge_begin_ >= enter && merge_begin_ <= now;
+  const auto blocked_end = merged_here ? merge_begin_ : now;
+  if (replica == 0) blocked_in_run_ += Seconds(blocked_end - enter);
+  if (telemetry_ != nullptr)
+    telemetry_->OnReplicaSpan(replica, StepPhase::kBlocked, run_step_, enter, blocked_end);
+}
+
 Status ReplicaContext::ApplyGradients() {
   // Asynchronous backends (CUDA) may still be writing this replica's
   // gradients; replica 0 reads them all once everyone is in.
   DV_RETURN_IF_ERROR(backend_->Synchronize());
+  const auto enter = std::chrono::steady_clock::now();
   ParameterServerStrategy* s = strategy_;
   internal::MergeFunction merge =
       [s](std::span<const void* const>) -> StatusOr<std::shared_ptr<const void>> {
@@ -627,11 +677,14 @@ Status ReplicaContext::ApplyGradients() {
     return std::shared_ptr<const void>();
   };
   std::shared_ptr<const void> unused;
-  return Collective(nullptr, merge, &unused);
+  Status st = Collective(nullptr, merge, &unused);
+  s->RecordApplyGradients(local_replica_id_, enter);
+  return st;
 }
 
 Status ReplicaContext::ApplyGradients(std::span<MirroredVariable* const> variables) {
   DV_RETURN_IF_ERROR(backend_->Synchronize());
+  const auto enter = std::chrono::steady_clock::now();
   ParameterServerStrategy* s = strategy_;
   internal::MergeFunction merge =
       [s, variables](std::span<const void* const>) -> StatusOr<std::shared_ptr<const void>> {
@@ -639,7 +692,9 @@ Status ReplicaContext::ApplyGradients(std::span<MirroredVariable* const> variabl
     return std::shared_ptr<const void>();
   };
   std::shared_ptr<const void> unused;
-  return Collective(nullptr, merge, &unused);
+  Status st = Collective(nullptr, merge, &unused);
+  s->RecordApplyGradients(local_replica_id_, enter);
+  return st;
 }
 
 // ---- Variables' and models' context-dependent accessors -------------------------

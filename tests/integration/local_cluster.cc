@@ -43,6 +43,8 @@ StatusOr<LocalCluster> LocalCluster::Start(const LocalClusterOptions& options) {
                                      "--worker-timeout",
                                      std::to_string(options.worker_timeout_s)};
     args.insert(args.end(), options.extra_args.begin(), options.extra_args.end());
+    if (static_cast<size_t>(i) < options.per_shard_args.size())
+      args.insert(args.end(), options.per_shard_args[i].begin(), options.per_shard_args[i].end());
     std::string log = c.LogPath(i);
     pid_t pid = fork();
     if (pid < 0) return InternalError("fork failed");

@@ -21,6 +21,8 @@ struct LocalClusterOptions {
   std::string staleness = "0";  // "0", "N" or "async"
   double worker_timeout_s = 10;
   std::vector<std::string> extra_args;
+  // Arguments for shard i only (per_shard_args[i], when present).
+  std::vector<std::vector<std::string>> per_shard_args;
 };
 
 class LocalCluster {

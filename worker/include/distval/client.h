@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "distval/client_observer.h"
 #include "distval/partitioner.h"
 #include "distval/protocol.h"
 #include "distval/status.h"
@@ -70,6 +71,9 @@ struct ClientOptions {
   // from; a pull one copy from the server's parameters into the caller's
   // buffer). False: ZeroMQ frames only.
   bool shared_memory = true;
+  // Sees every request and reply (metrics, timelines); null: none.
+  // Borrowed: must outlive the client. Called on the I/O thread.
+  ClientObserver* observer = nullptr;
 };
 
 // Per-variable settings for CreateVariable.

@@ -47,6 +47,7 @@
 #define DISTVAL_PARAMETER_SERVER_STRATEGY_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -74,6 +75,7 @@
 #include "distval/tensor.h"
 #include "distval/variable_initializer.h"
 #include "distval/worker_options.h"
+#include "distval/worker_telemetry.h"
 
 namespace distval {
 
@@ -311,6 +313,9 @@ class ParameterServerStrategy {
   StatusOr<std::span<const float>> ReducedGradient(MirroredVariable& v);
   Status Collective(int replica, const void* mine, const internal::MergeFunction& merge,
                     std::shared_ptr<const void>* result);
+  // ApplyGradients on replica `replica` entered its collective at `enter`
+  // and left it now: records the blocked time (telemetry).
+  void RecordApplyGradients(int replica, std::chrono::steady_clock::time_point enter);
   StatusOr<MirroredVariable*> CreateVariableImpl(const std::string& name, const Shape& shape,
                                                  const VariableInitializer& initializer,
                                                  const CreateVariableOptions& options,
@@ -355,6 +360,16 @@ class ParameterServerStrategy {
   double push_wait_in_run_ = 0;
   bool pushed_in_run_ = false;
   std::vector<PushSource> push_sources_;
+
+  // Telemetry (WorkerOptions::telemetry; borrowed, may be null) and the
+  // step phases it is told. Written on replica 0's thread during a Run (the
+  // merge), read after it; collective_enter_[r] on replica r's thread.
+  WorkerTelemetry* telemetry_ = nullptr;
+  int64_t run_step_ = 0;
+  double blocked_in_run_ = 0;
+  double reduce_in_run_ = 0;
+  std::chrono::steady_clock::time_point merge_begin_{};
+  std::unique_ptr<std::chrono::steady_clock::time_point[]> collective_enter_;
 
   // Statistics (cross-replica thread).
   double pending_pull_wait_s_ = 0;

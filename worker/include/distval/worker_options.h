@@ -25,6 +25,8 @@
 
 namespace distval {
 
+class WorkerTelemetry;
+
 struct WorkerOptions {
   // The parameter servers (ZeroMQ endpoints; shard i is ps_endpoints[i]),
   // this worker's index and the number of workers in the job. Ignored by a
@@ -70,6 +72,11 @@ struct WorkerOptions {
   // num_workers, role and expected_staleness are taken from the fields
   // above.
   ClientOptions client;
+
+  // Metrics and timeline of the steps and requests
+  // (distval/worker_telemetry.h); null: none. Borrowed: must outlive the
+  // strategy. Also becomes client.observer when that is unset.
+  WorkerTelemetry* telemetry = nullptr;
 
   // Copies the ps endpoints, the worker count and, when the spec has a
   // worker task, the worker index from `cluster`. InvalidArgument when the
