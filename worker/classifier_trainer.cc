@@ -81,6 +81,12 @@ class TrainerCallback final : public Callback {
     std::ostringstream line;
     line << std::fixed << "epoch " << logs.epoch + 1 << "/" << options_.epochs << ": train loss "
          << std::setprecision(4) << final_train_loss_;
+    if (logs.epoch + 1 == options_.epochs) {
+      // The job's final model: wait until every worker finished its last
+      // step (under SSP/async a fast worker gets here first), so that the
+      // last evaluation sees every update of the job.
+      DV_RETURN_IF_ERROR(model.SyncWorkers());
+    }
     if (test_ != nullptr) {
       // This worker alone evaluates the whole test set (the other workers
       // train on).
