@@ -1,5 +1,6 @@
 // Starting the servers the figures measure against (figures.h).
 #include <chrono>
+#include <cstdio>
 
 #include "figures.h"
 
@@ -18,6 +19,8 @@ StatusOr<PsCluster> StartPs(const BenchConfig& config, const std::string& tag, i
   for (int i = 0; i < num_shards; ++i) {
     const std::string name = tag + "-ps" + std::to_string(i);
     port_files.push_back(config.scratch->File(name + ".endpoint"));
+    // A tag is reused across repetitions: never read the last server's file.
+    std::remove(port_files.back().c_str());
     std::vector<std::string> argv = {config.ps_bin,
                                      "--bind",
                                      "tcp://127.0.0.1:0",
@@ -52,6 +55,7 @@ StatusOr<PsCluster> StartRawEcho(const BenchConfig& config, const std::string& t
   for (int i = 0; i < count; ++i) {
     const std::string name = tag + "-raw" + std::to_string(i);
     port_files.push_back(config.scratch->File(name + ".endpoint"));
+    std::remove(port_files.back().c_str());
     std::vector<std::string> argv = {config.self_bin, "--serve-raw", port_files.back()};
     DV_ASSIGN_OR_RETURN(ChildProcess p,
                         ChildProcess::Spawn(argv, config.scratch->File(name + ".log")));
