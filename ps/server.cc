@@ -15,6 +15,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "checkpoint.h"
 #include "consistency_controller.h"
 #include "distval/encoding.h"
 #include "distval/logging.h"
@@ -43,6 +44,28 @@ std::string StalenessName(int32_t staleness) {
   if (staleness < 0) return "async";
   if (staleness == 0) return "bsp";
   return "ssp:" + std::to_string(staleness);
+}
+
+StatusOr<NanPolicy> ParseNanPolicy(const std::string& text) {
+  if (text == "reject") return NanPolicy::kReject;
+  if (text == "skip") return NanPolicy::kSkip;
+  if (text == "allow") return NanPolicy::kAllow;
+  return InvalidArgumentError("nan policy '" + text + "' is not reject, skip or allow");
+}
+
+Status ParseCheckpointEvery(const std::string& text, ServerOptions* options) {
+  const bool seconds = !text.empty() && text.back() == 's';
+  const std::string number = seconds ? text.substr(0, text.size() - 1) : text;
+  const Status bad = InvalidArgumentError("checkpoint interval '" + text +
+                                          "' is not N (clocks) or Ns (seconds) with N > 0");
+  if (number.empty() || number.size() > 12 ||
+      !std::all_of(number.begin(), number.end(), ::isdigit))
+    return bad;
+  const int64_t n = std::stoll(number);
+  if (n <= 0) return bad;
+  options->checkpoint_every_clocks = seconds ? 0 : n;
+  options->checkpoint_every_seconds = seconds ? static_cast<double>(n) : 0;
+  return OkStatus();
 }
 
 namespace {
@@ -228,6 +251,18 @@ class Server::Impl {
   void Act(Events events);
   void ApplyCompleted(const CompletedClock& done);
 
+  // Checkpoints: restores options_.restore (Init), writes one under `root`
+  // now (state is consistent between two messages), or when the interval
+  // set by the options has passed.
+  Status RestoreFromCheckpoint();
+  StatusOr<protocol::CheckpointReply> WriteCheckpointNow(const std::string& root);
+  void MaybeCheckpoint();
+  int64_t last_checkpoint_clock_ = 0;
+  std::chrono::steady_clock::time_point last_checkpoint_time_ = std::chrono::steady_clock::now();
+  std::string last_checkpoint_;
+  // Push updates with NaN/Inf rejected or skipped (--nan-policy).
+  uint64_t nan_updates_ = 0;
+
   ServerOptions options_;
   ApplyPool pool_;
   VariableStore::RangeRunner runner_ = [this](int64_t n,
@@ -294,7 +329,80 @@ Status Server::Impl::Init() {
   DV_ASSIGN_OR_RETURN(endpoint_, socket_->Bind(o.bind));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
+  if (!o.restore.empty()) DV_RETURN_IF_ERROR(RestoreFromCheckpoint());
   return OkStatus();
+}
+
+Status Server::Impl::RestoreFromCheckpoint() {
+  const auto& o = options_;
+  std::string dir = o.restore;
+  if (dir == "latest") {
+    if (o.checkpoint_dir.empty())
+      return InvalidArgumentError("--restore latest needs --checkpoint-dir");
+    DV_ASSIGN_OR_RETURN(dir, FindLatestCheckpoint(o.checkpoint_dir, o.num_shards));
+  }
+  DV_ASSIGN_OR_RETURN(RestoredCheckpoint r,
+                      RestoreCheckpoint(dir, o.shard_index, o.num_shards, store_));
+  for (const auto& [name, staleness] : r.variables)
+    DV_RETURN_IF_ERROR(controller_->RegisterVariable(name, staleness));
+  // BSP: gradients of clocks past the checkpoint's were not applied, so every
+  // worker resumes at its clock. Otherwise each worker keeps its own clock
+  // (its pushes were applied as they came).
+  std::vector<int64_t> clocks = r.info.worker_clocks;
+  if (r.info.staleness == 0)
+    for (int64_t& c : clocks) c = std::min(c, r.info.clock);
+  Status s = controller_->RestoreClocks(clocks, r.info.staleness);
+  if (!s.ok()) return Status(s.code(), dir + ": " + s.message());
+  last_checkpoint_clock_ = r.info.clock;
+  last_checkpoint_ = dir;
+  DV_LOG(kInfo) << "restored " << r.variables.size() << " variable(s) at clock " << r.info.clock
+                << " from " << dir;
+  return OkStatus();
+}
+
+StatusOr<protocol::CheckpointReply> Server::Impl::WriteCheckpointNow(const std::string& root) {
+  if (root.empty())
+    return FailedPreconditionError(
+        "no checkpoint directory: start distval-ps with --checkpoint-dir or name one");
+  CheckpointShardInfo info;
+  info.shard_index = options_.shard_index;
+  info.num_shards = options_.num_shards;
+  info.clock = controller_->ShardClock();
+  info.staleness = controller_->CurrentStaleness();
+  for (const auto& w : controller_->Snapshot().workers) info.worker_clocks.push_back(w.clock);
+  DV_ASSIGN_OR_RETURN(std::string path, WriteCheckpoint(root, info, store_));
+  last_checkpoint_clock_ = info.clock;
+  last_checkpoint_time_ = std::chrono::steady_clock::now();
+  last_checkpoint_ = path;
+  DV_LOG(kInfo) << "checkpoint at clock " << info.clock << " written to " << path;
+  if (options_.keep_checkpoints > 0) {
+    Status s = PruneCheckpoints(root, options_.shard_index, options_.num_shards,
+                                options_.keep_checkpoints);
+    if (!s.ok()) DV_LOG(kWarning) << "pruning old checkpoints failed: " << s;
+  }
+  protocol::CheckpointReply reply;
+  reply.path = path;
+  reply.clock = info.clock;
+  return reply;
+}
+
+void Server::Impl::MaybeCheckpoint() {
+  const auto& o = options_;
+  if (o.checkpoint_dir.empty()) return;
+  const int64_t clock = controller_->ShardClock();
+  bool due = false;
+  if (o.checkpoint_every_clocks > 0) due = clock >= last_checkpoint_clock_ + o.checkpoint_every_clocks;
+  if (o.checkpoint_every_seconds > 0 && clock != last_checkpoint_clock_)
+    due |= std::chrono::steady_clock::now() - last_checkpoint_time_ >=
+           std::chrono::duration<double>(o.checkpoint_every_seconds);
+  if (!due) return;
+  auto written = WriteCheckpointNow(o.checkpoint_dir);
+  if (!written.ok()) {
+    DV_LOG(kError) << "checkpoint at clock " << clock << " failed: " << written.status();
+    // Try again at the next interval, not on every loop turn.
+    last_checkpoint_clock_ = clock;
+    last_checkpoint_time_ = std::chrono::steady_clock::now();
+  }
 }
 
 std::shared_ptr<Tensor> Server::Impl::AllocateParams(const Shape& shape) {
@@ -373,6 +481,7 @@ Status Server::Impl::Run() {
       }
     }
     Act(controller_->Tick());
+    MaybeCheckpoint();
   }
   return OkStatus();
 }
@@ -461,7 +570,16 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
                           << " set to " << body.learning_rate;
           }
         } else if constexpr (std::is_same_v<T, protocol::Checkpoint>) {
-          s = UnimplementedError("checkpoints are not supported by this server yet");
+          auto written = WriteCheckpointNow(body.directory.empty() ? options_.checkpoint_dir
+                                                                   : body.directory);
+          if (written.ok()) {
+            Reply r = NewReply(req.request_id);
+            r.body = *written;
+            SendReply(identity, std::move(r));
+            answered = true;
+          } else {
+            s = written.status();
+          }
         } else if constexpr (std::is_same_v<T, protocol::Stats>) {
           Reply r = NewReply(req.request_id);
           r.body = MakeStats();
@@ -471,7 +589,12 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
           DV_LOG(kInfo) << "shutdown requested by "
                         << (is_worker ? "worker " + std::to_string(req.worker_id)
                                       : std::string("a control client"));
-          shutdown_requested_ = true;
+          if (body.checkpoint_first && !options_.checkpoint_dir.empty()) {
+            // Refuse to stop without the checkpoint that was asked for.
+            auto written = WriteCheckpointNow(options_.checkpoint_dir);
+            if (!written.ok()) s = written.status();
+          }
+          if (s.ok()) shutdown_requested_ = true;
         }
       },
       req.body);
@@ -552,8 +675,23 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   std::vector<Variable*> vars;
   vars.reserve(push.updates.size());
   std::vector<std::vector<int64_t>> sparse_rows(push.updates.size());
+  std::vector<bool> poisoned(push.updates.size(), false);
+  std::string poisoned_names;
+  size_t num_poisoned = 0;
   for (size_t i = 0; i < push.updates.size(); ++i) {
     const auto& u = push.updates[i];
+    if (options_.nan_policy != NanPolicy::kAllow) {
+      // The whole gradient must be here to be checked.
+      DV_ASSIGN_OR_RETURN(msg[u.values.frame], msg[u.values.frame].Materialized());
+      const size_t bad = protocol::CountNonFinite(msg[u.values.frame].bytes(), u.values.encoding);
+      if (bad > 0) {
+        poisoned[i] = true;
+        ++num_poisoned;
+        if (!poisoned_names.empty()) poisoned_names += ", ";
+        poisoned_names += "'" + u.variable + "' (" + std::to_string(bad) + " of " +
+                          std::to_string(u.values.num_elements()) + " values)";
+      }
+    }
     DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(u.variable));
     std::span<const int64_t> shape(u.values.shape);
     if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
@@ -571,18 +709,36 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     }
     vars.push_back(v);
   }
+  if (num_poisoned > 0) {
+    nan_updates_ += num_poisoned;
+    const std::string what = "gradient with NaN/Inf from " +
+                             (req.worker_id < 0 ? std::string("a control client")
+                                                : "worker " + std::to_string(req.worker_id)) +
+                             " at clock " + std::to_string(req.clock) + " for " + poisoned_names;
+    if (options_.nan_policy == NanPolicy::kReject) {
+      DV_LOG(kWarning) << what << ": push rejected (" << nan_updates_
+                       << " poisoned update(s) so far)";
+      return InvalidArgumentError(what + ": push rejected (--nan-policy reject)");
+    }
+    DV_LOG(kWarning) << what << ": skipped (" << nan_updates_ << " poisoned update(s) so far)";
+  }
   // 2. Route: apply now (async / SSP, control clients) or keep for the
   // clock (BSP). The controller decides before the acknowledgement, so its
   // errors (a stale clock, a dropped worker) still reach the sender.
+  // Updates that go on (all but those skipped for NaN/Inf).
+  std::vector<size_t> kept;
+  kept.reserve(push.updates.size());
+  for (size_t i = 0; i < push.updates.size(); ++i)
+    if (!poisoned[i]) kept.push_back(i);
   PushPlan plan;
   float lr_scale = 1.0f;
   if (req.worker_id < 0) {
     // A control client's push applies at once (e.g. a tool loading values).
-    plan.routes.assign(push.updates.size(), PushRoute::kApplyNow);
+    plan.routes.assign(kept.size(), PushRoute::kApplyNow);
   } else {
     std::vector<std::string_view> names;
-    names.reserve(vars.size());
-    for (Variable* v : vars) names.push_back(v->name());
+    names.reserve(kept.size());
+    for (size_t i : kept) names.push_back(vars[i]->name());
     DV_ASSIGN_OR_RETURN(plan,
                         controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
     if (stale_aware_lr_) lr_scale = 1.0f / (1.0f + static_cast<float>(plan.staleness));
@@ -590,12 +746,13 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   // 3. Acknowledge: the push is validated and queued in arrival order.
   SendReply(identity, NewReply(req.request_id));
   // 4. Apply (or keep) it, then act on what the push completed.
-  for (size_t i = 0; i < push.updates.size(); ++i) {
+  for (size_t k = 0; k < kept.size(); ++k) {
+    const size_t i = kept[k];
     const auto& u = push.updates[i];
     Variable* v = vars[i];
     Frame& frame = msg[u.values.frame];
     const auto* range = std::get_if<protocol::RowRange>(&u.rows);
-    if (plan.routes[i] == PushRoute::kApplyNow && range != nullptr && frame.streaming() &&
+    if (plan.routes[k] == PushRoute::kApplyNow && range != nullptr && frame.streaming() &&
         u.values.encoding == protocol::Encoding::kRaw && frame.window_limit() >= sizeof(float)) {
       // A co-located worker is still copying this gradient into shared
       // memory: apply each piece as soon as it is there, while it is hot in
@@ -625,7 +782,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
       continue;
     }
     FloatPayload g = ToFloats(u.values, frame);
-    if (plan.routes[i] == PushRoute::kApplyNow) {
+    if (plan.routes[k] == PushRoute::kApplyNow) {
       Status s;
       if (range != nullptr) {
         s = VariableStore::ApplyDense(*v, *range, g.values.data(), 1.0f, lr_scale, runner_);
@@ -907,6 +1064,7 @@ protocol::StatsReply Server::Impl::MakeStats() const {
   protocol::StatsReply s;
   s.shard_index = options_.shard_index;
   s.staleness = controller_->CurrentStaleness();
+  s.last_checkpoint = last_checkpoint_;
   for (const auto& w : controller_->Snapshot().workers)
     s.workers.push_back(protocol::WorkerState{w.worker, w.clock, w.live});
   for (Variable* v : store_.All())

@@ -1231,6 +1231,23 @@ StatusOr<std::vector<protocol::StatsReply>> Client::Stats() {
   return std::move(*out);
 }
 
+StatusOr<std::vector<protocol::CheckpointReply>> Client::Checkpoint(const std::string& directory) {
+  auto msgs = ToEveryShard(impl_.get(), num_shards(), protocol::Checkpoint{directory});
+  auto out = std::make_shared<std::vector<protocol::CheckpointReply>>(msgs.size());
+  for (auto& m : msgs) {
+    int s = m.shard;
+    m.on_reply = [out, s](const Reply& r, const InMessage&) -> Status {
+      auto* cr = std::get_if<protocol::CheckpointReply>(&r.body);
+      if (!cr) return InternalError("checkpoint reply without body");
+      (*out)[s] = *cr;
+      return OkStatus();
+    };
+  }
+  DV_RETURN_IF_ERROR(
+      impl_->Submit(std::move(msgs), impl_->NewState(), false).Wait(options_.request_timeout));
+  return std::move(*out);
+}
+
 Status Client::ShutdownServers(bool checkpoint_first) {
   return impl_
       ->Submit(ToEveryShard(impl_.get(), num_shards(), protocol::Shutdown{checkpoint_first}),
