@@ -81,6 +81,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-message-bytes", opt.max_message_bytes,
                  "largest request accepted (ZMQ_MAXMSGSIZE)")
       ->capture_default_str();
+  app.add_option("--max-frames", opt.max_frames, "most payload frames in one request")
+      ->capture_default_str();
+  app.add_option("--max-variables", opt.max_variables,
+                 "most variables this shard holds, and most updates/reads in one request")
+      ->capture_default_str();
   std::string nan_policy = "reject";
   app.add_option("--nan-policy", nan_policy,
                  "gradients with NaN/Inf: reject (error reply, nothing applied), skip (drop "

@@ -303,6 +303,8 @@ Status Server::Impl::Init() {
   if (o.num_workers < 1) return InvalidArgumentError("--num-workers must be >= 1");
   if (o.staleness < protocol::kStalenessAsync)
     return InvalidArgumentError("staleness " + std::to_string(o.staleness) + " is invalid");
+  if (o.max_frames < 1 || o.max_variables < 1)
+    return InvalidArgumentError("--max-frames and --max-variables must be >= 1");
   if (o.threads < 1 || o.threads > 256)
     return InvalidArgumentError("--threads must be in [1, 256], got " +
                                 std::to_string(o.threads));
@@ -494,6 +496,13 @@ void Server::Impl::HandleMessage(InMessage& msg) {
     return;
   }
   const Frame& identity = msg[0];
+  if (msg.size() - 2 > static_cast<size_t>(options_.max_frames)) {
+    SendError(identity, 0,
+              InvalidArgumentError("request with " + std::to_string(msg.size() - 2) +
+                                   " payload frames; the limit is " +
+                                   std::to_string(options_.max_frames) + " (--max-frames)"));
+    return;
+  }
   std::vector<size_t> sizes;
   sizes.reserve(msg.size() - 2);
   for (size_t i = 2; i < msg.size(); ++i) sizes.push_back(msg[i].size());
@@ -646,6 +655,11 @@ Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
 
 Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
   const auto& cv = std::get<protocol::CreateVariable>(req.body);
+  if (store_.size() >= static_cast<size_t>(options_.max_variables) &&
+      !store_.Find(cv.spec.name).ok())
+    return ResourceExhaustedError("variable '" + cv.spec.name + "' not created: shard " +
+                                  std::to_string(options_.shard_index) + " already holds " +
+                                  std::to_string(store_.size()) + " variables (--max-variables)");
   const float* init = nullptr;
   FloatPayload values;
   if (auto* iv = std::get_if<protocol::InitValues>(&cv.spec.initializer.kind)) {
@@ -671,6 +685,10 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
+  if (push.updates.size() > static_cast<size_t>(options_.max_variables))
+    return InvalidArgumentError("push with " + std::to_string(push.updates.size()) +
+                                " updates; the limit is " + std::to_string(options_.max_variables) +
+                                " (--max-variables)");
   // 1. Validate everything before touching anything.
   std::vector<Variable*> vars;
   vars.reserve(push.updates.size());
@@ -931,6 +949,10 @@ void Server::Impl::Act(Events events) {
 }
 
 Status Server::Impl::ValidatePull(const protocol::Pull& pull, const InMessage& msg) {
+  if (pull.reads.size() > static_cast<size_t>(options_.max_variables))
+    return InvalidArgumentError("pull with " + std::to_string(pull.reads.size()) +
+                                " reads; the limit is " + std::to_string(options_.max_variables) +
+                                " (--max-variables)");
   for (const auto& r : pull.reads) {
     DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(r.variable));
     if (r.encoding != protocol::Encoding::kRaw)

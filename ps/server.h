@@ -51,6 +51,12 @@ struct ServerOptions {
   int threads = 1;
   // Largest accepted message (ZMQ_MAXMSGSIZE); -1: unlimited.
   int64_t max_message_bytes = int64_t{4} << 30;
+  // Most payload frames in one request; a longer one is answered with
+  // InvalidArgument before it is decoded.
+  int max_frames = 4096;
+  // Most variables this shard creates (ResourceExhausted beyond), and most
+  // updates or reads in one push or pull (InvalidArgument beyond).
+  int max_variables = 100000;
   // Co-located workers: accept their shared-memory offer (transport::
   // SocketOptions::shared_memory) and keep parameter buffers of at least
   // shared_memory_min_bytes in shared memory, so that a pull is one copy

@@ -6,16 +6,19 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <limits>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "child_process.h"
 #include "distval/client.h"
 #include "distval/protocol.h"
+#include "distval/transport.h"
 #include "local_cluster.h"
 
 namespace distval {
@@ -292,6 +295,203 @@ TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
     EXPECT_NE(log.find("gradient with NaN/Inf from worker 0 at clock 0 for 'w'"), std::string::npos)
         << log;
   }
+}
+
+// Valid requests whose mutations the hostile-input test sends (worker id -1:
+// a control client, so none of them can move the real worker's clock).
+struct Valid {
+  protocol::Request request;
+  std::vector<std::vector<std::byte>> payloads;
+};
+std::vector<Valid> ValidRequests() {
+  std::vector<Valid> out;
+  auto add = [&](protocol::RequestBody body, std::vector<std::vector<std::byte>> payloads = {}) {
+    Valid v;
+    v.request.request_id = out.size() + 1;
+    v.request.worker_id = -1;
+    v.request.body = std::move(body);
+    v.payloads = std::move(payloads);
+    out.push_back(std::move(v));
+  };
+  protocol::TensorRef values;
+  values.frame = 1;
+  values.shape = {64, 4};
+  protocol::Push dense;
+  dense.updates.push_back({"w", values, protocol::RowRange{0, 64}});
+  add(dense, {std::vector<std::byte>(64 * 4 * 4)});
+  protocol::TensorRef idx;
+  idx.frame = 1;
+  idx.dtype = DType::kI64;
+  idx.shape = {2};
+  protocol::TensorRef rows = values;
+  rows.frame = 2;
+  rows.shape = {2, 4};
+  protocol::Push sparse;
+  sparse.updates.push_back({"w", rows, idx});
+  std::vector<std::byte> idx_bytes(16);
+  const int64_t two[2] = {3, 60};
+  std::memcpy(idx_bytes.data(), two, 16);
+  add(sparse, {idx_bytes, std::vector<std::byte>(2 * 4 * 4)});
+  protocol::Pull pull;
+  pull.reads.push_back({"w", protocol::Encoding::kRaw, protocol::RowRange{0, 64}});
+  add(pull);
+  protocol::Pull pull_rows;
+  pull_rows.reads.push_back({"w", protocol::Encoding::kRaw, idx});
+  add(pull_rows, {idx_bytes});
+  protocol::CreateVariable cv;
+  cv.spec.name = "w";
+  cv.spec.shape = {64, 4};
+  cv.rows = {0, 64};
+  add(cv);
+  add(protocol::Stats{});
+  add(protocol::Heartbeat{});
+  protocol::Hello hello;
+  hello.role = protocol::Role::kControl;
+  add(hello);
+  return out;
+}
+
+// Requests a hostile client could send that change the job itself (not
+// malformed, just powerful): the test does not send those.
+bool Disruptive(const protocol::Request& r) {
+  return r.worker_id == 0 || std::holds_alternative<protocol::Shutdown>(r.body) ||
+         std::holds_alternative<protocol::SetMode>(r.body) ||
+         std::holds_alternative<protocol::SetLearningRate>(r.body) ||
+         std::holds_alternative<protocol::Checkpoint>(r.body);
+}
+
+// 10,000 random and mutated requests to a live server: it answers each with
+// an error (or drops it), never OK for one that does not decode, keeps
+// running, and a worker then trains exactly.
+TEST(ReliabilityTest, HostileFramesNeitherCrashNorPoisonTheServer) {
+  LocalClusterOptions co;
+  co.extra_args = {"--max-frames", "8", "--max-variables", "64"};
+  auto cluster = LocalCluster::Start(co);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  {
+    auto control = Connect(*cluster, protocol::Role::kControl);
+    ASSERT_NE(control, nullptr);
+    ASSERT_TRUE(control->CreateVariable("w", DType::kF32, Shape({64, 4}), Sgd(0.1)).ok());
+  }
+  transport::Context ctx(1);
+  transport::SocketOptions so;
+  so.shared_memory = false;
+  so.linger_ms = 0;
+  auto sock = transport::Socket::Create(ctx, transport::SocketType::kDealer, so);
+  ASSERT_TRUE(sock.ok()) << sock.status();
+  ASSERT_TRUE((*sock)->Connect(cluster->endpoints()[0]).ok());
+
+  const std::vector<Valid> valid = ValidRequests();
+  std::mt19937 rng(77);
+  auto rand = [&](size_t n) { return static_cast<size_t>(rng() % n); };
+  int sent = 0, sent_valid = 0, skipped = 0, replies = 0, ok_replies = 0, too_many_frames = 0;
+  std::set<uint64_t> valid_ids;  // ids of sent requests that decode
+  auto drain = [&](std::chrono::milliseconds wait) {
+    for (;;) {
+      auto in = (*sock)->Receive(wait);
+      if (!in.ok()) return;
+      ++replies;
+      ASSERT_GE(in->size(), 1u);
+      std::vector<size_t> sizes;
+      for (size_t i = 1; i < in->size(); ++i) sizes.push_back((*in)[i].size());
+      auto reply = protocol::DecodeReply((*in)[0].bytes(), sizes);
+      ASSERT_TRUE(reply.ok()) << reply.status();
+      if (reply->code == StatusCode::kOk) {
+        ++ok_replies;
+        EXPECT_TRUE(valid_ids.count(reply->request_id)) << reply->request_id;
+      } else {
+        EXPECT_FALSE(reply->message.empty());
+        if (reply->message.find("(--max-frames)") != std::string::npos) ++too_many_frames;
+      }
+    }
+  };
+  while (sent < 10000) {
+    std::vector<std::vector<std::byte>> frames;
+    if (rand(4) == 0) {
+      // Random garbage: 1..10 frames of 0..300 random bytes.
+      const size_t n = 1 + rand(10);
+      for (size_t f = 0; f < n; ++f) {
+        std::vector<std::byte> b(rand(301));
+        for (auto& x : b) x = static_cast<std::byte>(rng());
+        frames.push_back(std::move(b));
+      }
+    } else {
+      const Valid& v = valid[rand(valid.size())];
+      Valid m = v;
+      m.request.request_id = 1000 + static_cast<uint64_t>(sent);
+      frames.push_back(protocol::EncodeRequest(m.request));
+      for (const auto& p : m.payloads) frames.push_back(p);
+      // 1..4 mutations.
+      for (size_t k = 1 + rand(4); k > 0; --k) {
+        auto& f = frames[rand(frames.size())];
+        switch (rand(6)) {
+          case 0:
+          case 1:  // flip a byte
+            if (!f.empty()) f[rand(f.size())] ^= static_cast<std::byte>(1 + rand(255));
+            break;
+          case 2:  // truncate
+            f.resize(rand(f.size() + 1));
+            break;
+          case 3:  // extend
+            f.resize(f.size() + 1 + rand(64), static_cast<std::byte>(rng()));
+            break;
+          case 4:  // drop or duplicate a frame
+            if (frames.size() > 1 && rand(2) == 0)
+              frames.pop_back();
+            else
+              frames.push_back(frames.back());
+            break;
+          case 5:  // many frames (beyond --max-frames)
+            frames.resize(frames.size() + rand(12));
+            break;
+        }
+      }
+    }
+    std::vector<size_t> sizes;
+    for (size_t i = 1; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+    auto decoded = protocol::DecodeRequest(frames[0], sizes);
+    if (decoded.ok() && Disruptive(*decoded)) {
+      ++skipped;
+      continue;
+    }
+    if (decoded.ok()) {
+      ++sent_valid;
+      valid_ids.insert(decoded->request_id);
+    }
+    transport::OutMessage out;
+    for (auto& f : frames) out.push_back(transport::Payload::Copy(std::move(f)));
+    ASSERT_TRUE((*sock)->Send(std::move(out), std::chrono::milliseconds(2000)).ok());
+    ++sent;
+    if (sent % 64 == 0) drain(std::chrono::milliseconds(0));
+  }
+  drain(std::chrono::milliseconds(500));
+  std::cout << "sent " << sent << " (" << sent_valid << " decodable), skipped " << skipped
+            << ", replies " << replies << " (" << ok_replies << " OK)\n";
+  EXPECT_LE(replies, sent);
+  EXPECT_LE(ok_replies, sent_valid);
+  EXPECT_GT(too_many_frames, 0);
+  EXPECT_GE(replies, sent / 2);  // almost all are answered (no reply: no frames to answer)
+
+  // The server is up and a worker trains exactly on a fresh variable.
+  auto client = Connect(*cluster);
+  ASSERT_NE(client, nullptr);
+  VariableOptions vo = Sgd(0.5);
+  ASSERT_TRUE(client->CreateVariable("fresh", DType::kF32, Shape({32}), vo).ok());
+  std::vector<float> g(32, 0.25f), p(32);
+  for (int step = 0; step < 20; ++step) ASSERT_TRUE(client->Push({{"fresh", g}}, true).Wait().ok());
+  ASSERT_TRUE(client->Pull({{"fresh", p}}).Wait().ok());
+  for (float x : p) EXPECT_EQ(x, -2.5f);
+  auto stats = client->Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  const size_t held = (*stats)[0].variables.size();
+  ASSERT_LE(held, 64u);
+  // --max-variables 64: the shard creates no more.
+  for (size_t i = held; i < 64; ++i)
+    ASSERT_TRUE(
+        client->CreateVariable("extra" + std::to_string(i), DType::kF32, Shape({2}), vo).ok());
+  Status s = client->CreateVariable("one_too_many", DType::kF32, Shape({2}), vo);
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s;
+  EXPECT_NE(s.message().find("--max-variables"), std::string::npos) << s;
 }
 
 }  // namespace
