@@ -1210,8 +1210,23 @@ Status Client::SetStaleness(int32_t staleness, const std::string& variable, bool
 
 Status Client::SetLearningRate(double learning_rate, const std::string& variable) {
   protocol::SetLearningRate body{variable, learning_rate};
-  return impl_->Submit(ToEveryShard(impl_.get(), num_shards(), body), impl_->NewState(), false)
-      .Wait(options_.request_timeout);
+  auto msgs = ToEveryShard(impl_.get(), num_shards(), body);
+  if (!variable.empty()) {
+    // Only the shards that hold the variable know it: its placement when
+    // this client created or found it, else the shards' own reports.
+    std::vector<bool> holds(static_cast<size_t>(num_shards()), false);
+    if (auto info = Find(variable); info.ok()) {
+      for (const ShardSlice& slice : (*info)->placement.slices)
+        holds[static_cast<size_t>(slice.shard)] = true;
+    } else {
+      DV_ASSIGN_OR_RETURN(std::vector<protocol::StatsReply> stats, Stats());
+      for (size_t i = 0; i < stats.size(); ++i)
+        for (const auto& v : stats[i].variables) holds[i] = holds[i] || v.name == variable;
+    }
+    std::erase_if(msgs, [&](const auto& m) { return !holds[static_cast<size_t>(m.shard)]; });
+    if (msgs.empty()) return NotFoundError("variable '" + variable + "' is on no shard");
+  }
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false).Wait(options_.request_timeout);
 }
 
 StatusOr<std::vector<protocol::StatsReply>> Client::Stats() {

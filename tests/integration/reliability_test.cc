@@ -297,6 +297,57 @@ TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
   }
 }
 
+// distval-ctl against a live 2-shard job: status, set-lr, set-staleness,
+// checkpoint, shutdown (with its checkpoint).
+TEST(ReliabilityTest, CtlCommands) {
+  const std::string root = MakeTempDir();
+  LocalClusterOptions co;
+  co.num_shards = 2;
+  co.extra_args = {"--checkpoint-dir", root};
+  auto cluster = LocalCluster::Start(co);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto client = Connect(*cluster);
+  ASSERT_NE(client, nullptr);
+  ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape({8}), Sgd(0.1)).ok());
+  ASSERT_TRUE(client->CreateVariable("b", DType::kF32, Shape({8}), Sgd(0.1)).ok());
+  std::vector<float> g(8, 1.0f);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(client->Push({{"w", g}, {"b", g}}, true).Wait().ok());
+  const std::string eps = cluster->endpoints()[0] + "," + cluster->endpoints()[1];
+  auto ctl = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), {testing::BinaryFromEnv("DISTVAL_CTL_BIN"), "--ps", eps});
+    return testing::RunProcess(args, root + "/ctl.log", 30);
+  };
+  auto r = ctl({"status"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("2 shard(s)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("worker 0 clock 3 live"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("    w rows [0, 8)"), std::string::npos) << r.output;
+
+  r = ctl({"set-lr", "w", "0.5"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = ctl({"set-lr", "nope", "0.5"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("nope"), std::string::npos) << r.output;
+  r = ctl({"set-staleness", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto stats = client->Stats();
+  ASSERT_TRUE(stats.ok());
+  for (const auto& s : *stats) {
+    EXPECT_EQ(s.staleness, 2);
+    for (const auto& v : s.variables) EXPECT_EQ(v.learning_rate, v.name == "w" ? 0.5 : 0.1);
+  }
+  r = ctl({"checkpoint"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("checkpoint at clock 3 in " + root + "/ckpt-000000000003"),
+            std::string::npos)
+      << r.output;
+  r = ctl({"shutdown"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(cluster->WaitExit(20));
+  EXPECT_TRUE(fs::exists(root + "/ckpt-000000000003/manifest-1-of-2.json"));
+  fs::remove_all(root);
+}
+
 // Valid requests whose mutations the hostile-input test sends (worker id -1:
 // a control client, so none of them can move the real worker's clock).
 struct Valid {

@@ -219,6 +219,10 @@ class Client {
   // Control requests, sent to every shard.
   Status SetStaleness(int32_t staleness, const std::string& variable = "",
                       bool stale_aware_lr = false, int64_t at_clock = -1);
+  // Sets the learning rate of `variable` (empty: every variable) on the
+  // shards that hold it (found from its placement, or from the shards'
+  // stats when this client has not created it). NotFound when no shard
+  // holds it; a shard's error otherwise.
   Status SetLearningRate(double learning_rate, const std::string& variable = "");
   StatusOr<std::vector<protocol::StatsReply>> Stats();
   // Asks every shard to write its part of a checkpoint now, under
