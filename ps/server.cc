@@ -9,11 +9,13 @@
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "checkpoint.h"
 #include "consistency_controller.h"
@@ -262,6 +264,29 @@ class Server::Impl {
   std::string last_checkpoint_;
   // Push updates with NaN/Inf rejected or skipped (--nan-policy).
   uint64_t nan_updates_ = 0;
+  // Request ids of the pushes each worker had acknowledged lately (the last
+  // kDedupeWindow), so that a push it retries after a lost reply is
+  // acknowledged again but not applied twice. Cleared by the worker's hello
+  // (a restarted worker numbers its requests afresh).
+  static constexpr size_t kDedupeWindow = 4096;
+  struct RecentPushes {
+    std::deque<uint64_t> order;
+    std::unordered_set<uint64_t> ids;
+  };
+  std::unordered_map<int32_t, RecentPushes> recent_pushes_;
+  bool SeenPush(int32_t worker, uint64_t request_id) const {
+    auto it = recent_pushes_.find(worker);
+    return it != recent_pushes_.end() && it->second.ids.count(request_id) > 0;
+  }
+  void RecordPush(int32_t worker, uint64_t request_id) {
+    RecentPushes& r = recent_pushes_[worker];
+    if (!r.ids.insert(request_id).second) return;
+    r.order.push_back(request_id);
+    if (r.order.size() > kDedupeWindow) {
+      r.ids.erase(r.order.front());
+      r.order.pop_front();
+    }
+  }
 
   ServerOptions options_;
   ApplyPool pool_;
@@ -645,6 +670,7 @@ Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
       return InvalidArgumentError("hello: worker id " + std::to_string(req.worker_id) +
                                   " differs from worker_index " + std::to_string(h.worker_index));
     DV_ASSIGN_OR_RETURN(hr.clock, controller_->OnHello(req.worker_id));
+    recent_pushes_.erase(req.worker_id);
     DV_LOG(kInfo) << "worker " << req.worker_id << " joined at clock " << hr.clock;
   }
   Reply r = NewReply(req.request_id);
@@ -685,6 +711,12 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
+  if (req.worker_id >= 0 && SeenPush(req.worker_id, req.request_id)) {
+    DV_LOG(kInfo) << "push " << req.request_id << " from worker " << req.worker_id
+                  << " is a retry of one already acknowledged: acknowledged again, not applied";
+    SendReply(identity, NewReply(req.request_id));
+    return OkStatus();
+  }
   if (push.updates.size() > static_cast<size_t>(options_.max_variables))
     return InvalidArgumentError("push with " + std::to_string(push.updates.size()) +
                                 " updates; the limit is " + std::to_string(options_.max_variables) +
@@ -762,6 +794,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     if (stale_aware_lr_) lr_scale = 1.0f / (1.0f + static_cast<float>(plan.staleness));
   }
   // 3. Acknowledge: the push is validated and queued in arrival order.
+  if (req.worker_id >= 0) RecordPush(req.worker_id, req.request_id);
   SendReply(identity, NewReply(req.request_id));
   // 4. Apply (or keep) it, then act on what the push completed.
   for (size_t k = 0; k < kept.size(); ++k) {

@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -216,7 +217,15 @@ class Client::Impl {
   ClientOptions options_;
   Client* owner_;
   std::shared_ptr<const std::vector<std::string>> shard_names_;
-  std::atomic<uint64_t> next_id_{1};
+  // Request ids start at a random point: unique per sender across client
+  // instances and restarts, so a server's dedupe of retried pushes (keyed
+  // by worker and request id) never mistakes a new push for a retry.
+  static uint64_t FirstRequestId() {
+    std::random_device rd;
+    const uint64_t r = (uint64_t{rd()} << 32) ^ uint64_t { rd() };
+    return (r >> 1) | 1;  // non-zero, far from wrapping
+  }
+  std::atomic<uint64_t> next_id_{FirstRequestId()};
   std::unique_ptr<transport::Context> context_;
   std::vector<std::unique_ptr<transport::Socket>> sockets_;  // lease holder only after Start()
   std::vector<transport::Socket*> socket_ptrs_;

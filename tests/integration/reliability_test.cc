@@ -348,6 +348,90 @@ TEST(ReliabilityTest, CtlCommands) {
   fs::remove_all(root);
 }
 
+// A push retried with the same request id (its reply was lost) is
+// acknowledged again but applied once; a new hello (a restarted worker)
+// forgets the ids.
+TEST(ReliabilityTest, RetriedPushIsAppliedOnce) {
+  LocalClusterOptions co;
+  co.staleness = "async";
+  auto cluster = LocalCluster::Start(co);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  {
+    auto control = Connect(*cluster, protocol::Role::kControl);
+    ASSERT_NE(control, nullptr);
+    VariableOptions vo = Sgd(1.0);
+    ASSERT_TRUE(control->CreateVariable("v", DType::kF32, Shape({4}), vo).ok());
+  }
+  transport::Context ctx(1);
+  transport::SocketOptions so;
+  so.shared_memory = false;
+  so.linger_ms = 0;
+  auto sock = transport::Socket::Create(ctx, transport::SocketType::kDealer, so);
+  ASSERT_TRUE(sock.ok()) << sock.status();
+  ASSERT_TRUE((*sock)->Connect(cluster->endpoints()[0]).ok());
+  auto call = [&](protocol::Request req, std::vector<std::byte> payload = {}) -> protocol::Reply {
+    req.worker_id = 0;
+    transport::OutMessage out;
+    out.push_back(transport::Payload::Copy(protocol::EncodeRequest(req)));
+    if (!payload.empty()) out.push_back(transport::Payload::Copy(std::move(payload)));
+    EXPECT_TRUE((*sock)->Send(std::move(out), std::chrono::milliseconds(2000)).ok());
+    auto in = (*sock)->Receive(std::chrono::milliseconds(5000));
+    EXPECT_TRUE(in.ok()) << in.status();
+    if (!in.ok()) return {};
+    std::vector<size_t> sizes;
+    for (size_t i = 1; i < in->size(); ++i) sizes.push_back((*in)[i].size());
+    auto reply = protocol::DecodeReply((*in)[0].bytes(), sizes);
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    return reply.ok() ? *reply : protocol::Reply{};
+  };
+  auto hello = [&](uint64_t id) {
+    protocol::Request r;
+    r.request_id = id;
+    protocol::Hello h;
+    h.worker_index = 0;
+    h.num_workers = 1;
+    h.num_shards = 1;
+    r.body = h;
+    EXPECT_EQ(call(r).code, StatusCode::kOk);
+  };
+  auto push = [&](uint64_t id) {
+    protocol::Request r;
+    r.request_id = id;
+    protocol::Push p;
+    protocol::TensorRef values;
+    values.frame = 1;
+    values.shape = {4};
+    p.updates.push_back({"v", values, protocol::RowRange{0, 4}});
+    r.body = p;
+    std::vector<float> g(4, 1.0f);
+    std::vector<std::byte> bytes(16);
+    std::memcpy(bytes.data(), g.data(), 16);
+    protocol::Reply reply = call(r, bytes);
+    EXPECT_EQ(reply.code, StatusCode::kOk) << reply.message;
+    EXPECT_EQ(reply.request_id, id);
+  };
+  auto value = [&]() -> float {
+    auto control = Connect(*cluster, protocol::Role::kControl);
+    if (control == nullptr) return 0;
+    std::vector<float> v(4);
+    VariableOptions vo = Sgd(1.0);
+    EXPECT_TRUE(control->CreateVariable("v", DType::kF32, Shape({4}), vo).ok());
+    EXPECT_TRUE(control->Pull({{"v", v}}).Wait().ok());
+    return v[0];
+  };
+  hello(1);
+  push(77);
+  push(77);  // the retry
+  EXPECT_EQ(value(), -1.0f);
+  push(78);
+  EXPECT_EQ(value(), -2.0f);
+  hello(2);  // a restarted worker numbers afresh
+  push(77);
+  EXPECT_EQ(value(), -3.0f);
+  const std::string log = testing::ReadFile(cluster->LogPath(0));
+  EXPECT_NE(log.find("push 77 from worker 0 is a retry"), std::string::npos) << log;
+}
+
 // Valid requests whose mutations the hostile-input test sends (worker id -1:
 // a control client, so none of them can move the real worker's clock).
 struct Valid {
