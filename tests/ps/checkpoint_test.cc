@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "server.h"
+
 namespace distval::ps {
 namespace {
 
@@ -257,6 +259,22 @@ TEST_F(CheckpointTest, ValuesInitializedVariableRoundTrips) {
   EXPECT_EQ(Params(**restored.Find("e")), (std::vector<float>{1, 2, 3, 4, 5, 6}));
   // A worker creating it again with its spec finds the same variable.
   EXPECT_TRUE(restored.Create(spec, {0, 3}, init).ok());
+}
+
+TEST(CheckpointOptionsTest, ParseCheckpointEveryAndNanPolicy) {
+  ServerOptions o;
+  ASSERT_TRUE(ParseCheckpointEvery("10", &o).ok());
+  EXPECT_EQ(o.checkpoint_every_clocks, 10);
+  EXPECT_EQ(o.checkpoint_every_seconds, 0);
+  ASSERT_TRUE(ParseCheckpointEvery("30s", &o).ok());
+  EXPECT_EQ(o.checkpoint_every_clocks, 0);
+  EXPECT_EQ(o.checkpoint_every_seconds, 30);
+  for (const char* bad : {"", "s", "0", "0s", "-3", "3m", "1.5s", "x10"})
+    EXPECT_EQ(ParseCheckpointEvery(bad, &o).code(), StatusCode::kInvalidArgument) << bad;
+  EXPECT_EQ(*ParseNanPolicy("reject"), NanPolicy::kReject);
+  EXPECT_EQ(*ParseNanPolicy("skip"), NanPolicy::kSkip);
+  EXPECT_EQ(*ParseNanPolicy("allow"), NanPolicy::kAllow);
+  EXPECT_EQ(ParseNanPolicy("ignore").status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace
