@@ -97,8 +97,7 @@ int main(int argc, char** argv) {
   app.add_option("--checkpoint-every", checkpoint_every,
                  "write a checkpoint every N clocks, or every N seconds with Ns (e.g. 30s); "
                  "needs --checkpoint-dir");
-  app.add_option("--keep", opt.keep_checkpoints,
-                 "keep the newest K checkpoints (0: keep all)")
+  app.add_option("--keep", opt.keep_checkpoints, "keep the newest K checkpoints (0: keep all)")
       ->capture_default_str();
   app.add_option("--restore", opt.restore,
                  "load this checkpoint directory (or 'latest' under --checkpoint-dir) before "

@@ -60,8 +60,7 @@ Status ParseCheckpointEvery(const std::string& text, ServerOptions* options) {
   const std::string number = seconds ? text.substr(0, text.size() - 1) : text;
   const Status bad = InvalidArgumentError("checkpoint interval '" + text +
                                           "' is not N (clocks) or Ns (seconds) with N > 0");
-  if (number.empty() || number.size() > 12 ||
-      !std::all_of(number.begin(), number.end(), ::isdigit))
+  if (number.empty() || number.size() > 12 || !std::all_of(number.begin(), number.end(), ::isdigit))
     return bad;
   const int64_t n = std::stoll(number);
   if (n <= 0) return bad;
@@ -418,7 +417,10 @@ void Server::Impl::MaybeCheckpoint() {
   if (o.checkpoint_dir.empty()) return;
   const int64_t clock = controller_->ShardClock();
   bool due = false;
-  if (o.checkpoint_every_clocks > 0) due = clock >= last_checkpoint_clock_ + o.checkpoint_every_clocks;
+  // At multiples of N (the same clocks on every shard, whatever the clock of
+  // a requested or restored checkpoint was).
+  if (o.checkpoint_every_clocks > 0)
+    due = clock / o.checkpoint_every_clocks > last_checkpoint_clock_ / o.checkpoint_every_clocks;
   if (o.checkpoint_every_seconds > 0 && clock != last_checkpoint_clock_)
     due |= std::chrono::steady_clock::now() - last_checkpoint_time_ >=
            std::chrono::duration<double>(o.checkpoint_every_seconds);
@@ -500,6 +502,9 @@ Status Server::Impl::Run() {
           auto msg = socket_->Receive(std::chrono::milliseconds(0));
           if (!msg.ok()) break;
           HandleMessage(*msg);
+          // After each message: in BSP a clock completes one at a time, so
+          // every shard checkpoints at the same clocks.
+          MaybeCheckpoint();
         }
       } else {
         uint64_t v;
@@ -604,8 +609,8 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
                           << " set to " << body.learning_rate;
           }
         } else if constexpr (std::is_same_v<T, protocol::Checkpoint>) {
-          auto written = WriteCheckpointNow(body.directory.empty() ? options_.checkpoint_dir
-                                                                   : body.directory);
+          auto written =
+              WriteCheckpointNow(body.directory.empty() ? options_.checkpoint_dir : body.directory);
           if (written.ok()) {
             Reply r = NewReply(req.request_id);
             r.body = *written;

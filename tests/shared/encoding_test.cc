@@ -55,8 +55,8 @@ TEST(EncodingTest, CountNonFiniteFindsNanAndInfInEveryEncoding) {
   v[0] = std::numeric_limits<float>::quiet_NaN();
   v[500] = std::numeric_limits<float>::infinity();
   v[1000] = -std::numeric_limits<float>::infinity();
-  v[7] = std::numeric_limits<float>::max();          // finite (inf in f16, bf16)
-  v[8] = std::numeric_limits<float>::denorm_min();   // finite
+  v[7] = std::numeric_limits<float>::max();         // finite (inf in f16, bf16)
+  v[8] = std::numeric_limits<float>::denorm_min();  // finite
   for (Encoding e : {Encoding::kRaw, Encoding::kF16, Encoding::kBF16}) {
     std::vector<std::byte> bytes(v.size() * EncodedElementSize(DType::kF32, e));
     EncodeFloats(v, e, bytes);
