@@ -180,6 +180,36 @@ int64_t ConsistencyController::StalenessOf(int64_t clock) const {
   return std::max<int64_t>(0, MaxClock() - clock);
 }
 
+Status ConsistencyController::RestoreClocks(std::span<const int64_t> clocks, int32_t staleness) {
+  if (max_seen_clock_ != -1 || !held_.empty() || !pending_.empty())
+    return FailedPreconditionError("worker clocks can only be restored before serving");
+  for (const Worker& w : workers_)
+    if (w.seen) return FailedPreconditionError("worker clocks can only be restored before serving");
+  if (clocks.size() != workers_.size())
+    return InvalidArgumentError("checkpoint has " + std::to_string(clocks.size()) +
+                                " worker clocks, this job has num_workers " +
+                                std::to_string(workers_.size()));
+  if (staleness < kStalenessAsync)
+    return InvalidArgumentError("checkpoint staleness " + std::to_string(staleness) +
+                                " is invalid");
+  for (size_t i = 0; i < clocks.size(); ++i)
+    if (clocks[i] < 0)
+      return InvalidArgumentError("checkpoint clock of worker " + std::to_string(i) +
+                                  " is negative: " + std::to_string(clocks[i]));
+  const TimePoint now = Now();
+  int64_t min = clocks.empty() ? 0 : clocks[0];
+  for (size_t i = 0; i < clocks.size(); ++i) {
+    workers_[i].clock = clocks[i];
+    workers_[i].live = true;
+    workers_[i].last_seen = now;
+    min = std::min(min, clocks[i]);
+  }
+  floor_ = min;
+  job_schedule_.clear();
+  job_schedule_[0] = staleness;
+  return OkStatus();
+}
+
 StatusOr<int64_t> ConsistencyController::OnHello(int32_t worker) {
   DV_RETURN_IF_ERROR(CheckWorkerId(worker));
   Worker& w = workers_[static_cast<size_t>(worker)];

@@ -253,6 +253,15 @@ class ConsistencyController {
   ConsistencyController(const ConsistencyController&) = delete;
   ConsistencyController& operator=(const ConsistencyController&) = delete;
 
+  // ---- Checkpoint restore ----
+  // Sets every worker's clock (clocks[w] for worker w; all live, none seen
+  // yet, their timeouts counted from now) and the job staleness (from clock
+  // 0 on, per-variable overrides kept), as read from a checkpoint. Only
+  // before any request has been handled: FailedPrecondition otherwise;
+  // InvalidArgument when clocks.size() != num_workers (naming both), for a
+  // negative clock or an invalid staleness.
+  Status RestoreClocks(std::span<const int64_t> clocks, int32_t staleness);
+
   // ---- Requests (each one is also a heartbeat of `worker`) ----
   // Errors common to all: InvalidArgument for a worker id outside
   // [0, num_workers); FailedPrecondition for a worker that was dropped and

@@ -91,6 +91,27 @@ int main(int argc, char** argv) {
   app.add_option("--max-message-bytes", opt.max_message_bytes,
                  "largest request accepted (ZMQ_MAXMSGSIZE)")
       ->capture_default_str();
+  app.add_option("--max-frames", opt.max_frames, "most payload frames in one request")
+      ->capture_default_str();
+  app.add_option("--max-variables", opt.max_variables,
+                 "most variables this shard holds, and most updates/reads in one request")
+      ->capture_default_str();
+  std::string nan_policy = "reject";
+  app.add_option("--nan-policy", nan_policy,
+                 "gradients with NaN/Inf: reject (error reply, nothing applied), skip (drop "
+                 "those variables' updates, apply the rest) or allow")
+      ->capture_default_str();
+  std::string checkpoint_every;
+  app.add_option("--checkpoint-dir", opt.checkpoint_dir,
+                 "directory of this job's checkpoints (ckpt-<clock>/ per checkpoint)");
+  app.add_option("--checkpoint-every", checkpoint_every,
+                 "write a checkpoint every N clocks, or every N seconds with Ns (e.g. 30s); "
+                 "needs --checkpoint-dir");
+  app.add_option("--keep", opt.keep_checkpoints, "keep the newest K checkpoints (0: keep all)")
+      ->capture_default_str();
+  app.add_option("--restore", opt.restore,
+                 "load this checkpoint directory (or 'latest' under --checkpoint-dir) before "
+                 "serving; the server refuses to start when it does not verify");
   app.add_option("--cluster", cluster_file,
                  "JSON cluster file (TF_CONFIG format); gives the shard endpoints and counts");
   app.add_flag("--tf-config", use_tf_config,
@@ -214,6 +235,20 @@ int main(int argc, char** argv) {
   }
   opt.staleness = *st;
   opt.shared_memory = !no_shared_memory;
+  if (auto np = ps::ParseNanPolicy(nan_policy); np.ok()) {
+    opt.nan_policy = *np;
+  } else {
+    std::cerr << "distval-ps: --nan-policy: " << np.status().message() << "\n";
+    return 2;
+  }
+  if (!checkpoint_every.empty()) {
+    Status ce = ps::ParseCheckpointEvery(checkpoint_every, &opt);
+    if (!ce.ok() || opt.checkpoint_dir.empty() || opt.keep_checkpoints < 0) {
+      std::cerr << "distval-ps: --checkpoint-every: "
+                << (ce.ok() ? "needs --checkpoint-dir and --keep >= 0" : ce.message()) << "\n";
+      return 2;
+    }
+  }
   // Shared-memory segments left in /dev/shm by crashed distval processes.
   if (int stale = transport::RemoveStaleSharedSegments(); stale > 0) {
     DV_LOG(kInfo) << "removed " << stale << " stale shared-memory segment(s)";

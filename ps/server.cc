@@ -9,12 +9,15 @@
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
+#include "checkpoint.h"
 #include "consistency_controller.h"
 #include "distval/encoding.h"
 #include "distval/logging.h"
@@ -44,6 +47,27 @@ std::string StalenessName(int32_t staleness) {
   if (staleness < 0) return "async";
   if (staleness == 0) return "bsp";
   return "ssp:" + std::to_string(staleness);
+}
+
+StatusOr<NanPolicy> ParseNanPolicy(const std::string& text) {
+  if (text == "reject") return NanPolicy::kReject;
+  if (text == "skip") return NanPolicy::kSkip;
+  if (text == "allow") return NanPolicy::kAllow;
+  return InvalidArgumentError("nan policy '" + text + "' is not reject, skip or allow");
+}
+
+Status ParseCheckpointEvery(const std::string& text, ServerOptions* options) {
+  const bool seconds = !text.empty() && text.back() == 's';
+  const std::string number = seconds ? text.substr(0, text.size() - 1) : text;
+  const Status bad = InvalidArgumentError("checkpoint interval '" + text +
+                                          "' is not N (clocks) or Ns (seconds) with N > 0");
+  if (number.empty() || number.size() > 12 || !std::all_of(number.begin(), number.end(), ::isdigit))
+    return bad;
+  const int64_t n = std::stoll(number);
+  if (n <= 0) return bad;
+  options->checkpoint_every_clocks = seconds ? 0 : n;
+  options->checkpoint_every_seconds = seconds ? static_cast<double>(n) : 0;
+  return OkStatus();
 }
 
 namespace {
@@ -230,6 +254,41 @@ class Server::Impl {
   void Act(Events events);
   void ApplyCompleted(const CompletedClock& done);
 
+  // Checkpoints: restores options_.restore (Init), writes one under `root`
+  // now (state is consistent between two messages), or when the interval
+  // set by the options has passed.
+  Status RestoreFromCheckpoint();
+  StatusOr<protocol::CheckpointReply> WriteCheckpointNow(const std::string& root);
+  void MaybeCheckpoint();
+  int64_t last_checkpoint_clock_ = 0;
+  std::chrono::steady_clock::time_point last_checkpoint_time_ = std::chrono::steady_clock::now();
+  std::string last_checkpoint_;
+  // Push updates with NaN/Inf rejected or skipped (--nan-policy).
+  uint64_t nan_updates_ = 0;
+  // Request ids of the pushes each worker had acknowledged lately (the last
+  // kDedupeWindow), so that a push it retries after a lost reply is
+  // acknowledged again but not applied twice. Cleared by the worker's hello
+  // (a restarted worker numbers its requests afresh).
+  static constexpr size_t kDedupeWindow = 4096;
+  struct RecentPushes {
+    std::deque<uint64_t> order;
+    std::unordered_set<uint64_t> ids;
+  };
+  std::unordered_map<int32_t, RecentPushes> recent_pushes_;
+  bool SeenPush(int32_t worker, uint64_t request_id) const {
+    auto it = recent_pushes_.find(worker);
+    return it != recent_pushes_.end() && it->second.ids.count(request_id) > 0;
+  }
+  void RecordPush(int32_t worker, uint64_t request_id) {
+    RecentPushes& r = recent_pushes_[worker];
+    if (!r.ids.insert(request_id).second) return;
+    r.order.push_back(request_id);
+    if (r.order.size() > kDedupeWindow) {
+      r.ids.erase(r.order.front());
+      r.order.pop_front();
+    }
+  }
+
   ServerOptions options_;
   ApplyPool pool_;
   VariableStore::RangeRunner runner_ = [this](int64_t n,
@@ -270,6 +329,8 @@ Status Server::Impl::Init() {
   if (o.num_workers < 1) return InvalidArgumentError("--num-workers must be >= 1");
   if (o.staleness < protocol::kStalenessAsync)
     return InvalidArgumentError("staleness " + std::to_string(o.staleness) + " is invalid");
+  if (o.max_frames < 1 || o.max_variables < 1)
+    return InvalidArgumentError("--max-frames and --max-variables must be >= 1");
   if (o.threads < 1 || o.threads > 256)
     return InvalidArgumentError("--threads must be in [1, 256], got " +
                                 std::to_string(o.threads));
@@ -296,7 +357,83 @@ Status Server::Impl::Init() {
   DV_ASSIGN_OR_RETURN(endpoint_, socket_->Bind(o.bind));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
+  if (!o.restore.empty()) DV_RETURN_IF_ERROR(RestoreFromCheckpoint());
   return OkStatus();
+}
+
+Status Server::Impl::RestoreFromCheckpoint() {
+  const auto& o = options_;
+  std::string dir = o.restore;
+  if (dir == "latest") {
+    if (o.checkpoint_dir.empty())
+      return InvalidArgumentError("--restore latest needs --checkpoint-dir");
+    DV_ASSIGN_OR_RETURN(dir, FindLatestCheckpoint(o.checkpoint_dir, o.num_shards));
+  }
+  DV_ASSIGN_OR_RETURN(RestoredCheckpoint r,
+                      RestoreCheckpoint(dir, o.shard_index, o.num_shards, store_));
+  for (const auto& [name, staleness] : r.variables)
+    DV_RETURN_IF_ERROR(controller_->RegisterVariable(name, staleness));
+  // BSP: gradients of clocks past the checkpoint's were not applied, so every
+  // worker resumes at its clock. Otherwise each worker keeps its own clock
+  // (its pushes were applied as they came).
+  std::vector<int64_t> clocks = r.info.worker_clocks;
+  if (r.info.staleness == 0)
+    for (int64_t& c : clocks) c = std::min(c, r.info.clock);
+  Status s = controller_->RestoreClocks(clocks, r.info.staleness);
+  if (!s.ok()) return Status(s.code(), dir + ": " + s.message());
+  last_checkpoint_clock_ = r.info.clock;
+  last_checkpoint_ = dir;
+  DV_LOG(kInfo) << "restored " << r.variables.size() << " variable(s) at clock " << r.info.clock
+                << " from " << dir;
+  return OkStatus();
+}
+
+StatusOr<protocol::CheckpointReply> Server::Impl::WriteCheckpointNow(const std::string& root) {
+  if (root.empty())
+    return FailedPreconditionError(
+        "no checkpoint directory: start distval-ps with --checkpoint-dir or name one");
+  CheckpointShardInfo info;
+  info.shard_index = options_.shard_index;
+  info.num_shards = options_.num_shards;
+  info.clock = controller_->ShardClock();
+  info.staleness = controller_->CurrentStaleness();
+  for (const auto& w : controller_->Snapshot().workers) info.worker_clocks.push_back(w.clock);
+  DV_ASSIGN_OR_RETURN(std::string path, WriteCheckpoint(root, info, store_));
+  last_checkpoint_clock_ = info.clock;
+  last_checkpoint_time_ = std::chrono::steady_clock::now();
+  last_checkpoint_ = path;
+  DV_LOG(kInfo) << "checkpoint at clock " << info.clock << " written to " << path;
+  if (options_.keep_checkpoints > 0) {
+    Status s = PruneCheckpoints(root, options_.shard_index, options_.num_shards,
+                                options_.keep_checkpoints);
+    if (!s.ok()) DV_LOG(kWarning) << "pruning old checkpoints failed: " << s;
+  }
+  protocol::CheckpointReply reply;
+  reply.path = path;
+  reply.clock = info.clock;
+  return reply;
+}
+
+void Server::Impl::MaybeCheckpoint() {
+  const auto& o = options_;
+  if (o.checkpoint_dir.empty()) return;
+  const int64_t clock = controller_->ShardClock();
+  bool due = false;
+  // At multiples of N (the same clocks on every shard, whatever the clock of
+  // a requested or restored checkpoint was).
+  if (o.checkpoint_every_clocks > 0)
+    due = clock / o.checkpoint_every_clocks > last_checkpoint_clock_ / o.checkpoint_every_clocks;
+  if (o.checkpoint_every_seconds > 0 && clock != last_checkpoint_clock_)
+    due |= std::chrono::steady_clock::now() - last_checkpoint_time_ >=
+           std::chrono::duration<double>(o.checkpoint_every_seconds);
+  if (!due) return;
+  auto written = WriteCheckpointNow(o.checkpoint_dir);
+  if (!written.ok()) {
+    DV_LOG(kError) << "checkpoint at clock " << clock << " failed: " << written.status();
+    // Try again at the next interval, not on every loop turn.
+    last_checkpoint_clock_ = clock;
+    last_checkpoint_time_ = std::chrono::steady_clock::now();
+  }
 }
 
 std::shared_ptr<Tensor> Server::Impl::AllocateParams(const Shape& shape) {
@@ -369,6 +506,9 @@ Status Server::Impl::Run() {
           auto msg = socket_->Receive(std::chrono::milliseconds(0));
           if (!msg.ok()) break;
           HandleMessage(*msg);
+          // After each message: in BSP a clock completes one at a time, so
+          // every shard checkpoints at the same clocks.
+          MaybeCheckpoint();
         }
       } else {
         uint64_t v;
@@ -377,6 +517,7 @@ Status Server::Impl::Run() {
       }
     }
     Act(controller_->Tick());
+    MaybeCheckpoint();
     if (options_.telemetry) options_.telemetry->Publish(*controller_, store_);
   }
   return OkStatus();
@@ -390,6 +531,13 @@ void Server::Impl::HandleMessage(InMessage& msg) {
     return;
   }
   const Frame& identity = msg[0];
+  if (msg.size() - 2 > static_cast<size_t>(options_.max_frames)) {
+    SendError(identity, 0,
+              InvalidArgumentError("request with " + std::to_string(msg.size() - 2) +
+                                   " payload frames; the limit is " +
+                                   std::to_string(options_.max_frames) + " (--max-frames)"));
+    return;
+  }
   std::vector<size_t> sizes;
   sizes.reserve(msg.size() - 2);
   for (size_t i = 2; i < msg.size(); ++i) sizes.push_back(msg[i].size());
@@ -467,7 +615,16 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
                           << " set to " << body.learning_rate;
           }
         } else if constexpr (std::is_same_v<T, protocol::Checkpoint>) {
-          s = UnimplementedError("checkpoints are not supported by this server yet");
+          auto written =
+              WriteCheckpointNow(body.directory.empty() ? options_.checkpoint_dir : body.directory);
+          if (written.ok()) {
+            Reply r = NewReply(req.request_id);
+            r.body = *written;
+            SendReply(identity, std::move(r));
+            answered = true;
+          } else {
+            s = written.status();
+          }
         } else if constexpr (std::is_same_v<T, protocol::Stats>) {
           Reply r = NewReply(req.request_id);
           r.body = MakeStats();
@@ -477,7 +634,12 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
           DV_LOG(kInfo) << "shutdown requested by "
                         << (is_worker ? "worker " + std::to_string(req.worker_id)
                                       : std::string("a control client"));
-          shutdown_requested_ = true;
+          if (body.checkpoint_first && !options_.checkpoint_dir.empty()) {
+            // Refuse to stop without the checkpoint that was asked for.
+            auto written = WriteCheckpointNow(options_.checkpoint_dir);
+            if (!written.ok()) s = written.status();
+          }
+          if (s.ok()) shutdown_requested_ = true;
         }
       },
       req.body);
@@ -519,6 +681,7 @@ Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
       return InvalidArgumentError("hello: worker id " + std::to_string(req.worker_id) +
                                   " differs from worker_index " + std::to_string(h.worker_index));
     DV_ASSIGN_OR_RETURN(hr.clock, controller_->OnHello(req.worker_id));
+    recent_pushes_.erase(req.worker_id);
     DV_LOG(kInfo) << "worker " << req.worker_id << " joined at clock " << hr.clock;
   }
   Reply r = NewReply(req.request_id);
@@ -529,6 +692,11 @@ Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
 
 Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
   const auto& cv = std::get<protocol::CreateVariable>(req.body);
+  if (store_.size() >= static_cast<size_t>(options_.max_variables) &&
+      !store_.Find(cv.spec.name).ok())
+    return ResourceExhaustedError("variable '" + cv.spec.name + "' not created: shard " +
+                                  std::to_string(options_.shard_index) + " already holds " +
+                                  std::to_string(store_.size()) + " variables (--max-variables)");
   const float* init = nullptr;
   FloatPayload values;
   if (auto* iv = std::get_if<protocol::InitValues>(&cv.spec.initializer.kind)) {
@@ -554,12 +722,37 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
+  if (req.worker_id >= 0 && SeenPush(req.worker_id, req.request_id)) {
+    DV_LOG(kInfo) << "push " << req.request_id << " from worker " << req.worker_id
+                  << " is a retry of one already acknowledged: acknowledged again, not applied";
+    SendReply(identity, NewReply(req.request_id));
+    return OkStatus();
+  }
+  if (push.updates.size() > static_cast<size_t>(options_.max_variables))
+    return InvalidArgumentError("push with " + std::to_string(push.updates.size()) +
+                                " updates; the limit is " + std::to_string(options_.max_variables) +
+                                " (--max-variables)");
   // 1. Validate everything before touching anything.
   std::vector<Variable*> vars;
   vars.reserve(push.updates.size());
   std::vector<std::vector<int64_t>> sparse_rows(push.updates.size());
+  std::vector<bool> poisoned(push.updates.size(), false);
+  std::string poisoned_names;
+  size_t num_poisoned = 0;
   for (size_t i = 0; i < push.updates.size(); ++i) {
     const auto& u = push.updates[i];
+    if (options_.nan_policy != NanPolicy::kAllow) {
+      // The whole gradient must be here to be checked.
+      DV_ASSIGN_OR_RETURN(msg[u.values.frame], msg[u.values.frame].Materialized());
+      const size_t bad = protocol::CountNonFinite(msg[u.values.frame].bytes(), u.values.encoding);
+      if (bad > 0) {
+        poisoned[i] = true;
+        ++num_poisoned;
+        if (!poisoned_names.empty()) poisoned_names += ", ";
+        poisoned_names += "'" + u.variable + "' (" + std::to_string(bad) + " of " +
+                          std::to_string(u.values.num_elements()) + " values)";
+      }
+    }
     DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(u.variable));
     std::span<const int64_t> shape(u.values.shape);
     if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
@@ -577,18 +770,36 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     }
     vars.push_back(v);
   }
+  if (num_poisoned > 0) {
+    nan_updates_ += num_poisoned;
+    const std::string what = "gradient with NaN/Inf from " +
+                             (req.worker_id < 0 ? std::string("a control client")
+                                                : "worker " + std::to_string(req.worker_id)) +
+                             " at clock " + std::to_string(req.clock) + " for " + poisoned_names;
+    if (options_.nan_policy == NanPolicy::kReject) {
+      DV_LOG(kWarning) << what << ": push rejected (" << nan_updates_
+                       << " poisoned update(s) so far)";
+      return InvalidArgumentError(what + ": push rejected (--nan-policy reject)");
+    }
+    DV_LOG(kWarning) << what << ": skipped (" << nan_updates_ << " poisoned update(s) so far)";
+  }
   // 2. Route: apply now (async / SSP, control clients) or keep for the
   // clock (BSP). The controller decides before the acknowledgement, so its
   // errors (a stale clock, a dropped worker) still reach the sender.
+  // Updates that go on (all but those skipped for NaN/Inf).
+  std::vector<size_t> kept;
+  kept.reserve(push.updates.size());
+  for (size_t i = 0; i < push.updates.size(); ++i)
+    if (!poisoned[i]) kept.push_back(i);
   PushPlan plan;
   float lr_scale = 1.0f;
   if (req.worker_id < 0) {
     // A control client's push applies at once (e.g. a tool loading values).
-    plan.routes.assign(push.updates.size(), PushRoute::kApplyNow);
+    plan.routes.assign(kept.size(), PushRoute::kApplyNow);
   } else {
     std::vector<std::string_view> names;
-    names.reserve(vars.size());
-    for (Variable* v : vars) names.push_back(v->name());
+    names.reserve(kept.size());
+    for (size_t i : kept) names.push_back(vars[i]->name());
     DV_ASSIGN_OR_RETURN(plan,
                         controller_->OnPush(req.worker_id, req.clock, names, push.advance_clock));
     if (stale_aware_lr_) lr_scale = 1.0f / (1.0f + static_cast<float>(plan.staleness));
@@ -596,14 +807,16 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   }
   ApplyTimer apply_timer(options_.telemetry, req.clock, req.worker_id);
   // 3. Acknowledge: the push is validated and queued in arrival order.
+  if (req.worker_id >= 0) RecordPush(req.worker_id, req.request_id);
   SendReply(identity, NewReply(req.request_id));
   // 4. Apply (or keep) it, then act on what the push completed.
-  for (size_t i = 0; i < push.updates.size(); ++i) {
+  for (size_t k = 0; k < kept.size(); ++k) {
+    const size_t i = kept[k];
     const auto& u = push.updates[i];
     Variable* v = vars[i];
     Frame& frame = msg[u.values.frame];
     const auto* range = std::get_if<protocol::RowRange>(&u.rows);
-    if (plan.routes[i] == PushRoute::kApplyNow && range != nullptr && frame.streaming() &&
+    if (plan.routes[k] == PushRoute::kApplyNow && range != nullptr && frame.streaming() &&
         u.values.encoding == protocol::Encoding::kRaw && frame.window_limit() >= sizeof(float)) {
       // A co-located worker is still copying this gradient into shared
       // memory: apply each piece as soon as it is there, while it is hot in
@@ -633,7 +846,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
       continue;
     }
     FloatPayload g = ToFloats(u.values, frame);
-    if (plan.routes[i] == PushRoute::kApplyNow) {
+    if (plan.routes[k] == PushRoute::kApplyNow) {
       apply_timer.Arm();
       Status s;
       if (range != nullptr) {
@@ -784,6 +997,10 @@ void Server::Impl::Act(Events events) {
 }
 
 Status Server::Impl::ValidatePull(const protocol::Pull& pull, const InMessage& msg) {
+  if (pull.reads.size() > static_cast<size_t>(options_.max_variables))
+    return InvalidArgumentError("pull with " + std::to_string(pull.reads.size()) +
+                                " reads; the limit is " + std::to_string(options_.max_variables) +
+                                " (--max-variables)");
   for (const auto& r : pull.reads) {
     DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(r.variable));
     if (r.encoding != protocol::Encoding::kRaw)
@@ -918,6 +1135,7 @@ protocol::StatsReply Server::Impl::MakeStats() const {
   protocol::StatsReply s;
   s.shard_index = options_.shard_index;
   s.staleness = controller_->CurrentStaleness();
+  s.last_checkpoint = last_checkpoint_;
   for (const auto& w : controller_->Snapshot().workers)
     s.workers.push_back(protocol::WorkerState{w.worker, w.clock, w.live});
   for (Variable* v : store_.All())

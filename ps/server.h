@@ -22,6 +22,18 @@ namespace distval::ps {
 
 class ServerTelemetry;
 
+// What a push whose gradient holds NaN or +-Inf values gets.
+enum class NanPolicy {
+  // The whole push is refused with InvalidArgument naming the variables;
+  // nothing of it is applied (nor its clock advanced).
+  kReject,
+  // The poisoned variables' updates are dropped (in BSP the worker does not
+  // count as a contributor of that variable for that clock); the rest applies.
+  kSkip,
+  // Applied as they are (no check, no cost).
+  kAllow,
+};
+
 struct ServerOptions {
   // ZeroMQ endpoint to bind ("tcp://127.0.0.1:0": OS-chosen port).
   std::string bind = "tcp://127.0.0.1:0";
@@ -41,6 +53,12 @@ struct ServerOptions {
   int threads = 1;
   // Largest accepted message (ZMQ_MAXMSGSIZE); -1: unlimited.
   int64_t max_message_bytes = int64_t{4} << 30;
+  // Most payload frames in one request; a longer one is answered with
+  // InvalidArgument before it is decoded.
+  int max_frames = 4096;
+  // Most variables this shard creates (ResourceExhausted beyond), and most
+  // updates or reads in one push or pull (InvalidArgument beyond).
+  int max_variables = 100000;
   // Co-located workers: accept their shared-memory offer (transport::
   // SocketOptions::shared_memory) and keep parameter buffers of at least
   // shared_memory_min_bytes in shared memory, so that a pull is one copy
@@ -50,7 +68,34 @@ struct ServerOptions {
   // Metrics and timeline hooks (ps/server_telemetry.h); null: none.
   // Borrowed: must outlive the server. Called on the dispatcher thread.
   ServerTelemetry* telemetry = nullptr;
+
+  // Gradients with NaN / Inf. Checking means waiting for a co-located
+  // worker's gradient to arrive completely before it is acknowledged (no
+  // streaming apply).
+  NanPolicy nan_policy = NanPolicy::kReject;
+
+  // ---- Checkpoints (see checkpoint.h for the format).
+  // Root directory of this job's checkpoints; empty: none written
+  // periodically (a Checkpoint request may still name one).
+  std::string checkpoint_dir;
+  // Write one every this many clocks (0: never) ...
+  int64_t checkpoint_every_clocks = 0;
+  // ... or every this many seconds, at the next loop turn (0: never).
+  double checkpoint_every_seconds = 0;
+  // Keep the newest K checkpoints of this shard (0: keep all).
+  int keep_checkpoints = 0;
+  // Restore before serving: a checkpoint directory, or "latest" (the newest
+  // complete one under checkpoint_dir). Empty: start empty. Create() fails
+  // (naming the file and field) when it cannot be verified and loaded.
+  std::string restore;
 };
+
+// "reject", "skip", "allow"; InvalidArgument otherwise.
+StatusOr<NanPolicy> ParseNanPolicy(const std::string& text);
+
+// "10" -> every 10 clocks, "30s" -> every 30 seconds. InvalidArgument
+// otherwise (zero or negative included).
+Status ParseCheckpointEvery(const std::string& text, ServerOptions* options);
 
 class Server {
  public:

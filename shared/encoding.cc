@@ -106,6 +106,33 @@ void DecodeFloats(std::span<const std::byte> in, Encoding encoding, std::span<fl
   }
 }
 
+namespace {
+// Counts the words of type W whose bits under `mask` are all ones. A loop
+// without early exit: the compiler vectorizes it.
+template <typename W>
+size_t CountExponentAllOnes(const std::byte* p, size_t n, W mask) {
+  size_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    W w;
+    std::memcpy(&w, p + i * sizeof(W), sizeof(W));
+    count += (w & mask) == mask;
+  }
+  return count;
+}
+}  // namespace
+
+size_t CountNonFinite(std::span<const std::byte> in, Encoding encoding) {
+  switch (encoding) {
+    case Encoding::kRaw:
+      return CountExponentAllOnes<uint32_t>(in.data(), in.size() / 4, 0x7F800000u);
+    case Encoding::kF16:
+      return CountExponentAllOnes<uint16_t>(in.data(), in.size() / 2, uint16_t{0x7C00});
+    case Encoding::kBF16:
+      return CountExponentAllOnes<uint16_t>(in.data(), in.size() / 2, uint16_t{0x7F80});
+  }
+  return 0;
+}
+
 uint16_t FloatToHalfBits(float value) {
   return Eigen::numext::bit_cast<uint16_t>(Eigen::half(value));
 }

@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -216,7 +217,15 @@ class Client::Impl {
   ClientOptions options_;
   Client* owner_;
   std::shared_ptr<const std::vector<std::string>> shard_names_;
-  std::atomic<uint64_t> next_id_{1};
+  // Request ids start at a random point: unique per sender across client
+  // instances and restarts, so a server's dedupe of retried pushes (keyed
+  // by worker and request id) never mistakes a new push for a retry.
+  static uint64_t FirstRequestId() {
+    std::random_device rd;
+    const uint64_t r = (uint64_t{rd()} << 32) ^ uint64_t { rd() };
+    return (r >> 1) | 1;  // non-zero, far from wrapping
+  }
+  std::atomic<uint64_t> next_id_{FirstRequestId()};
   std::unique_ptr<transport::Context> context_;
   std::vector<std::unique_ptr<transport::Socket>> sockets_;  // lease holder only after Start()
   std::vector<transport::Socket*> socket_ptrs_;
@@ -1212,8 +1221,23 @@ Status Client::SetStaleness(int32_t staleness, const std::string& variable, bool
 
 Status Client::SetLearningRate(double learning_rate, const std::string& variable) {
   protocol::SetLearningRate body{variable, learning_rate};
-  return impl_->Submit(ToEveryShard(impl_.get(), num_shards(), body), impl_->NewState(), false)
-      .Wait(options_.request_timeout);
+  auto msgs = ToEveryShard(impl_.get(), num_shards(), body);
+  if (!variable.empty()) {
+    // Only the shards that hold the variable know it: its placement when
+    // this client created or found it, else the shards' own reports.
+    std::vector<bool> holds(static_cast<size_t>(num_shards()), false);
+    if (auto info = Find(variable); info.ok()) {
+      for (const ShardSlice& slice : (*info)->placement.slices)
+        holds[static_cast<size_t>(slice.shard)] = true;
+    } else {
+      DV_ASSIGN_OR_RETURN(std::vector<protocol::StatsReply> stats, Stats());
+      for (size_t i = 0; i < stats.size(); ++i)
+        for (const auto& v : stats[i].variables) holds[i] = holds[i] || v.name == variable;
+    }
+    std::erase_if(msgs, [&](const auto& m) { return !holds[static_cast<size_t>(m.shard)]; });
+    if (msgs.empty()) return NotFoundError("variable '" + variable + "' is on no shard");
+  }
+  return impl_->Submit(std::move(msgs), impl_->NewState(), false).Wait(options_.request_timeout);
 }
 
 StatusOr<std::vector<protocol::StatsReply>> Client::Stats() {
@@ -1225,6 +1249,23 @@ StatusOr<std::vector<protocol::StatsReply>> Client::Stats() {
       auto* sr = std::get_if<protocol::StatsReply>(&r.body);
       if (!sr) return InternalError("stats reply without body");
       (*out)[s] = *sr;
+      return OkStatus();
+    };
+  }
+  DV_RETURN_IF_ERROR(
+      impl_->Submit(std::move(msgs), impl_->NewState(), false).Wait(options_.request_timeout));
+  return std::move(*out);
+}
+
+StatusOr<std::vector<protocol::CheckpointReply>> Client::Checkpoint(const std::string& directory) {
+  auto msgs = ToEveryShard(impl_.get(), num_shards(), protocol::Checkpoint{directory});
+  auto out = std::make_shared<std::vector<protocol::CheckpointReply>>(msgs.size());
+  for (auto& m : msgs) {
+    int s = m.shard;
+    m.on_reply = [out, s](const Reply& r, const InMessage&) -> Status {
+      auto* cr = std::get_if<protocol::CheckpointReply>(&r.body);
+      if (!cr) return InternalError("checkpoint reply without body");
+      (*out)[s] = *cr;
       return OkStatus();
     };
   }

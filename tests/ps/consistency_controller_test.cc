@@ -114,6 +114,26 @@ TEST_F(ControllerTest, CreateRejectsBadOptions) {
   EXPECT_TRUE(ConsistencyController::Create(o).ok());
 }
 
+TEST_F(ControllerTest, RestoreClocksSetsClocksAndStalenessOnlyBeforeServing) {
+  ConsistencyOptions o;
+  o.num_workers = 3;
+  o.staleness = 0;
+  auto c = ConsistencyController::Create(o);
+  ASSERT_TRUE(c.ok());
+  const std::vector<int64_t> wrong = {1, 2};
+  EXPECT_EQ((*c)->RestoreClocks(wrong, 0).code(), StatusCode::kInvalidArgument);
+  const std::vector<int64_t> negative = {1, -2, 3};
+  EXPECT_EQ((*c)->RestoreClocks(negative, 0).code(), StatusCode::kInvalidArgument);
+  const std::vector<int64_t> clocks = {5, 7, 6};
+  ASSERT_TRUE((*c)->RestoreClocks(clocks, 2).ok());
+  EXPECT_EQ((*c)->MinClock(), 5);
+  EXPECT_EQ((*c)->CurrentStaleness(), 2);
+  auto hello = (*c)->OnHello(1);
+  ASSERT_TRUE(hello.ok());
+  EXPECT_EQ(*hello, 7);
+  EXPECT_EQ((*c)->RestoreClocks(clocks, 2).code(), StatusCode::kFailedPrecondition);
+}
+
 TEST_F(ControllerTest, RejectsUnknownWorkersAndBackwardClocks) {
   Start(2, 0);
   auto bad = ctl_->OnHello(2);

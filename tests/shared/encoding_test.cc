@@ -50,6 +50,27 @@ std::vector<uint16_t> AllBitPatterns() {
   return all;
 }
 
+TEST(EncodingTest, CountNonFiniteFindsNanAndInfInEveryEncoding) {
+  std::vector<float> v(1001, 1.5f);
+  v[0] = std::numeric_limits<float>::quiet_NaN();
+  v[500] = std::numeric_limits<float>::infinity();
+  v[1000] = -std::numeric_limits<float>::infinity();
+  v[7] = std::numeric_limits<float>::max();         // finite (inf in f16, bf16)
+  v[8] = std::numeric_limits<float>::denorm_min();  // finite
+  for (Encoding e : {Encoding::kRaw, Encoding::kF16, Encoding::kBF16}) {
+    std::vector<std::byte> bytes(v.size() * EncodedElementSize(DType::kF32, e));
+    EncodeFloats(v, e, bytes);
+    // f16 and bf16 round max() to inf.
+    EXPECT_EQ(CountNonFinite(bytes, e), e == Encoding::kRaw ? 3u : 4u) << static_cast<int>(e);
+    // Misaligned view: still reads every value.
+    std::vector<std::byte> shifted(bytes.size() + 1);
+    std::memcpy(shifted.data() + 1, bytes.data(), bytes.size());
+    EXPECT_EQ(CountNonFinite(std::span(shifted).subspan(1), e), CountNonFinite(bytes, e));
+  }
+  std::vector<float> fine(64, -2.0f);
+  EXPECT_EQ(CountNonFinite(std::as_bytes(std::span(fine)), Encoding::kRaw), 0u);
+}
+
 TEST(EncodingTest, RawIsBitExact) {
   std::mt19937 rng(1);
   std::vector<float> in(1000);

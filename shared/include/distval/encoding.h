@@ -34,6 +34,11 @@ void EncodeFloats(std::span<const float> in, Encoding encoding, std::span<std::b
 // `in` and `out` must not overlap.
 void DecodeFloats(std::span<const std::byte> in, Encoding encoding, std::span<float> out);
 
+// Number of values of `in` (encoded as `encoding`; a trailing partial value
+// is ignored) that are NaN or +-Inf, read without decoding: the exponent
+// bits all ones. Any alignment.
+size_t CountNonFinite(std::span<const std::byte> in, Encoding encoding);
+
 // Single values, for tests and scalar code: the bit patterns of binary16 and
 // bfloat16, with the same rounding as EncodeFloats.
 uint16_t FloatToHalfBits(float value);

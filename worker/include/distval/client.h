@@ -223,8 +223,20 @@ class Client {
   // Control requests, sent to every shard.
   Status SetStaleness(int32_t staleness, const std::string& variable = "",
                       bool stale_aware_lr = false, int64_t at_clock = -1);
+  // Sets the learning rate of `variable` (empty: every variable) on the
+  // shards that hold it (found from its placement, or from the shards'
+  // stats when this client has not created it). NotFound when no shard
+  // holds it; a shard's error otherwise.
   Status SetLearningRate(double learning_rate, const std::string& variable = "");
   StatusOr<std::vector<protocol::StatsReply>> Stats();
+  // Asks every shard to write its part of a checkpoint now, under
+  // `directory` (empty: each server's --checkpoint-dir); returns each
+  // shard's reply (the checkpoint directory and the clock it holds), by
+  // shard. FailedPrecondition when a shard has no directory; the server's
+  // error (naming the path) when a write fails.
+  StatusOr<std::vector<protocol::CheckpointReply>> Checkpoint(const std::string& directory = "");
+  // Stops every shard; with checkpoint_first, each writes a checkpoint first
+  // (when it has a --checkpoint-dir) and refuses to stop if that fails.
   Status ShutdownServers(bool checkpoint_first = false);
 
   int num_shards() const;
