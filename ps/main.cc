@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "distval/cluster_spec.h"
+#include "distval/curve_keys.h"
 #include "distval/http_endpoint.h"
 #include "distval/launcher_env.h"
 #include "distval/logging.h"
@@ -17,6 +18,7 @@
 #include "distval/metrics.h"
 #include "distval/rendezvous.h"
 #include "distval/timeline.h"
+#include "distval/transport.h"
 #include "server.h"
 #include "server_telemetry.h"
 
@@ -88,6 +90,13 @@ int main(int argc, char** argv) {
                "never move tensors through shared memory with co-located workers (by default "
                "a worker on this host that offers it gets parameters and gradients through "
                "POSIX shared memory, ZeroMQ carrying only the headers)");
+  std::string curve_secret, authorized_keys;
+  app.add_option("--curve-secret", curve_secret,
+                 "CURVE: this server's key pair (NAME.key_secret from distval-keygen); encrypts "
+                 "the traffic and admits only clients listed in --authorized-keys (turns shared "
+                 "memory off)");
+  app.add_option("--authorized-keys", authorized_keys,
+                 "CURVE: directory of the public keys (NAME.key files) of the admitted clients");
   app.add_option("--max-message-bytes", opt.max_message_bytes,
                  "largest request accepted (ZMQ_MAXMSGSIZE)")
       ->capture_default_str();
@@ -235,6 +244,25 @@ int main(int argc, char** argv) {
   }
   opt.staleness = *st;
   opt.shared_memory = !no_shared_memory;
+  if (curve_secret.empty() != authorized_keys.empty()) {
+    std::cerr << "distval-ps: --curve-secret and --authorized-keys go together\n";
+    return 2;
+  }
+  if (!curve_secret.empty()) {
+    auto pair = ReadCurveSecretKeyFile(curve_secret);
+    if (!pair.ok()) {
+      std::cerr << "distval-ps: --curve-secret: " << pair.status().message() << "\n";
+      return 2;
+    }
+    auto keys = ReadAuthorizedKeysDir(authorized_keys);
+    if (!keys.ok()) {
+      std::cerr << "distval-ps: --authorized-keys: " << keys.status().message() << "\n";
+      return 2;
+    }
+    opt.curve_secret_key = pair->secret_key;
+    opt.curve_authorized_keys = std::move(*keys);
+    opt.shared_memory = false;  // tensors must not bypass the authenticated connection
+  }
   if (auto np = ps::ParseNanPolicy(nan_policy); np.ok()) {
     opt.nan_policy = *np;
   } else {
@@ -318,7 +346,12 @@ int main(int argc, char** argv) {
                 << " staleness=" << ps::StalenessName(opt.staleness)
                 << " stale_aware_lr=" << (opt.stale_aware_lr ? "on" : "off")
                 << " worker_timeout_s=" << worker_timeout_s << " pull_timeout_s=" << pull_deadline_s
-                << " threads=" << opt.threads << " metrics="
+                << " threads=" << opt.threads << " curve="
+                << (opt.curve_secret_key.empty()
+                        ? std::string("off")
+                        : "on (" + std::to_string(opt.curve_authorized_keys.size()) +
+                              " authorized keys, shared memory off)")
+                << " metrics="
                 << (http ? "http://" + metrics_address + ":" + std::to_string(http->port()) +
                                "/metrics"
                          : std::string("off"))
@@ -329,6 +362,11 @@ int main(int argc, char** argv) {
                 << " rendezvous="
                 << (rendezvous_dir.empty() ? std::string("none")
                                            : rendezvous_dir + " (published " + advertised + ")");
+  if (opt.curve_secret_key.empty() && !transport::IsLocalEndpoint((*server)->endpoint())) {
+    DV_LOG(kWarning) << "listening on " << (*server)->endpoint()
+                     << " without CURVE: anyone who can reach it may read and change the "
+                        "parameters (see --curve-secret)";
+  }
   if (!port_file.empty()) {
     std::string tmp = port_file + ".tmp";
     {

@@ -22,6 +22,7 @@
 #include "distval/encoding.h"
 #include "distval/logging.h"
 #include "distval/transport.h"
+#include "distval/zap_authenticator.h"
 #include "server_telemetry.h"
 #include "variable_store.h"
 
@@ -206,6 +207,7 @@ class Server::Impl {
   explicit Impl(const ServerOptions& options) : options_(options), pool_(options.threads) {}
   ~Impl() {
     socket_.reset();
+    zap_.reset();
     context_.reset();
     if (wake_fd_ >= 0) ::close(wake_fd_);
   }
@@ -296,6 +298,7 @@ class Server::Impl {
     pool_.Run(n, body);
   };
   std::unique_ptr<transport::Context> context_;
+  std::unique_ptr<ZapAuthenticator> zap_;  // with CURVE only
   std::unique_ptr<transport::Socket> socket_;
   std::string endpoint_;
   int wake_fd_ = -1;
@@ -346,6 +349,16 @@ Status Server::Impl::Init() {
   so.max_message_bytes = o.max_message_bytes;
   so.router_mandatory = true;
   so.linger_ms = 0;
+  if (!o.curve_secret_key.empty()) {
+    if (o.curve_authorized_keys.empty())
+      return InvalidArgumentError("CURVE: a server secret key needs at least one authorized key");
+    // The handler first: a CURVE socket without one admits any client.
+    DV_ASSIGN_OR_RETURN(zap_, ZapAuthenticator::Start(*context_, o.curve_authorized_keys));
+    options_.shared_memory = false;
+    so.curve_server = true;
+    so.curve_secret_key = o.curve_secret_key;
+    so.zap_domain = "distval";
+  }
   so.shared_memory = o.shared_memory;
   so.shared_memory_min_bytes = o.shared_memory_min_bytes;
   // A co-located worker's gradient may still be arriving when its push is

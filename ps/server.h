@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "distval/protocol.h"
 #include "distval/status.h"
@@ -65,6 +66,15 @@ struct ServerOptions {
   // straight from them into the worker's buffer. Off: ZeroMQ frames only.
   bool shared_memory = true;
   size_t shared_memory_min_bytes = 64 * 1024;
+  // CURVE encryption and authentication: this server's secret key (Z85,
+  // distval/curve_keys.h) and the public keys of the clients it admits (a
+  // ZapAuthenticator on the server's context refuses all others, and logs
+  // it). Empty secret: plain ZeroMQ, anyone who can reach `bind` may
+  // connect. CURVE turns shared_memory off (the tensor bytes would bypass
+  // the authenticated connection). Create() fails with InvalidArgument for a
+  // secret without keys or a malformed key.
+  std::string curve_secret_key;
+  std::vector<std::string> curve_authorized_keys;
   // Metrics and timeline hooks (ps/server_telemetry.h); null: none.
   // Borrowed: must outlive the server. Called on the dispatcher thread.
   ServerTelemetry* telemetry = nullptr;

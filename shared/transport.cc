@@ -229,6 +229,60 @@ Status SetOption(void* socket, int option, const T& value, std::string_view name
   return OkStatus();
 }
 
+Status SetStringOption(void* socket, int option, const std::string& value, std::string_view name) {
+  if (zmq_setsockopt(socket, option, value.data(), value.size()) != 0) {
+    return ZmqError(errno, "set socket option " + std::string(name));
+  }
+  return OkStatus();
+}
+
+Status CheckCurveKey(const std::string& key, std::string_view field) {
+  uint8_t decoded[32];
+  if (key.size() != 40 || zmq_z85_decode(decoded, key.c_str()) == nullptr) {
+    return InvalidArgumentError("SocketOptions." + std::string(field) +
+                                " must be a 40-character Z85 CURVE key, got " +
+                                std::to_string(key.size()) + " characters");
+  }
+  return OkStatus();
+}
+
+// ZMQ_CURVE_SERVER / _SECRETKEY / _PUBLICKEY / _SERVERKEY and ZMQ_ZAP_DOMAIN.
+Status ApplyCurveOptions(void* socket, const SocketOptions& options) {
+  const bool client = !options.curve_server_key.empty();
+  if (!options.curve_server && !client) {
+    if (!options.curve_secret_key.empty() || !options.curve_public_key.empty())
+      return InvalidArgumentError(
+          "SocketOptions: CURVE keys given without curve_server or curve_server_key");
+    if (options.zap_domain.empty()) return OkStatus();
+    return SetStringOption(socket, ZMQ_ZAP_DOMAIN, options.zap_domain, "ZMQ_ZAP_DOMAIN");
+  }
+  if (options.curve_server && client)
+    return InvalidArgumentError(
+        "SocketOptions: curve_server and curve_server_key exclude each other");
+  if (options.shared_memory)
+    return InvalidArgumentError(
+        "SocketOptions: CURVE and shared_memory exclude each other (turn shared_memory off)");
+  if (zmq_has("curve") == 0) return UnimplementedError("libzmq was built without CURVE support");
+  DV_RETURN_IF_ERROR(CheckCurveKey(options.curve_secret_key, "curve_secret_key"));
+  if (client) {
+    DV_RETURN_IF_ERROR(CheckCurveKey(options.curve_public_key, "curve_public_key"));
+    DV_RETURN_IF_ERROR(CheckCurveKey(options.curve_server_key, "curve_server_key"));
+    DV_RETURN_IF_ERROR(SetStringOption(socket, ZMQ_CURVE_SERVERKEY, options.curve_server_key,
+                                       "ZMQ_CURVE_SERVERKEY"));
+    DV_RETURN_IF_ERROR(SetStringOption(socket, ZMQ_CURVE_PUBLICKEY, options.curve_public_key,
+                                       "ZMQ_CURVE_PUBLICKEY"));
+  } else {
+    const int on = 1;
+    DV_RETURN_IF_ERROR(SetOption(socket, ZMQ_CURVE_SERVER, on, "ZMQ_CURVE_SERVER"));
+  }
+  DV_RETURN_IF_ERROR(SetStringOption(socket, ZMQ_CURVE_SECRETKEY, options.curve_secret_key,
+                                     "ZMQ_CURVE_SECRETKEY"));
+  if (!options.zap_domain.empty())
+    DV_RETURN_IF_ERROR(
+        SetStringOption(socket, ZMQ_ZAP_DOMAIN, options.zap_domain, "ZMQ_ZAP_DOMAIN"));
+  return OkStatus();
+}
+
 Status ApplyOptions(void* socket, SocketType type, const SocketOptions& options) {
   if (options.max_message_bytes < -1) {
     return InvalidArgumentError("SocketOptions.max_message_bytes must be >= -1, got " +
@@ -268,6 +322,7 @@ Status ApplyOptions(void* socket, SocketType type, const SocketOptions& options)
     const int on = 1;
     DV_RETURN_IF_ERROR(SetOption(socket, ZMQ_ROUTER_MANDATORY, on, "ZMQ_ROUTER_MANDATORY"));
   }
+  DV_RETURN_IF_ERROR(ApplyCurveOptions(socket, options));
   return OkStatus();
 }
 

@@ -260,6 +260,12 @@ Status Client::Impl::Start() {
   so.max_message_bytes = options_.max_message_bytes;
   so.linger_ms = 0;
   so.shared_memory = options_.shared_memory;
+  if (!options_.curve_server_key.empty()) {
+    so.shared_memory = false;  // tensors must not bypass the encrypted connection
+    so.curve_public_key = options_.curve_public_key;
+    so.curve_secret_key = options_.curve_secret_key;
+    so.curve_server_key = options_.curve_server_key;
+  }
   for (size_t i = 0; i < options_.ps_endpoints.size(); ++i) {
     DV_ASSIGN_OR_RETURN(auto sock,
                         transport::Socket::Create(*context_, transport::SocketType::kDealer, so));

@@ -11,6 +11,7 @@
 
 #include "classifier_trainer.h"
 #include "distval/cluster_spec.h"
+#include "distval/curve_keys.h"
 #include "distval/dataset.h"
 #include "distval/http_endpoint.h"
 #include "distval/launcher_env.h"
@@ -189,6 +190,11 @@ int main(int argc, char** argv) {
   app.add_option("--rendezvous-timeout", rendezvous_timeout_s,
                  "seconds to wait for every server to publish its endpoint")
       ->capture_default_str();
+  std::string curve_secret, server_key;
+  app.add_option("--curve-secret", curve_secret,
+                 "CURVE: this worker's key pair (NAME.key_secret from distval-keygen); needs "
+                 "--server-key, and the servers' --authorized-keys must list its NAME.key");
+  app.add_option("--server-key", server_key, "CURVE: the servers' public key file (NAME.key)");
   CLI11_PARSE(app, argc, argv);
 
   auto level = ParseLogLevel(log_level);
@@ -278,6 +284,13 @@ int main(int argc, char** argv) {
     if (!s.ok()) return Fail(kUsageError, s.message());
   }
   ConfigureLogging({*level, "worker:" + std::to_string(wo.worker_index), log_format == "json"});
+  auto curve = ReadCurveClientKeys(curve_secret, server_key);
+  if (!curve.ok()) return Fail(kUsageError, curve.status().message());
+  if (*curve) {
+    wo.client.curve_public_key = (*curve)->own.public_key;
+    wo.client.curve_secret_key = (*curve)->own.secret_key;
+    wo.client.curve_server_key = (*curve)->server_public_key;
+  }
 
   // ---- Metrics and timeline (borrowed by the strategy: declared before it).
   MetricRegistry registry;

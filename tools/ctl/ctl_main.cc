@@ -18,6 +18,7 @@
 
 #include "distval/client.h"
 #include "distval/cluster_spec.h"
+#include "distval/curve_keys.h"
 
 namespace {
 
@@ -82,6 +83,10 @@ int main(int argc, char** argv) {
   app.add_option("--ps", ps, "comma-separated endpoints of the shards, in shard order");
   app.add_option("--cluster", cluster_file, "JSON cluster file (TF_CONFIG format)");
   app.add_option("--timeout", timeout_s, "seconds to wait for the shards")->capture_default_str();
+  std::string curve_secret, server_key;
+  app.add_option("--curve-secret", curve_secret,
+                 "CURVE: this client's key pair (NAME.key_secret from distval-keygen)");
+  app.add_option("--server-key", server_key, "CURVE: the servers' public key file (NAME.key)");
 
   auto* status_cmd = app.add_subcommand("status",
                                         "shards, variables, workers and their clocks, "
@@ -109,6 +114,16 @@ int main(int argc, char** argv) {
   ClientOptions o;
   o.role = protocol::Role::kControl;
   o.shared_memory = false;
+  auto curve = ReadCurveClientKeys(curve_secret, server_key);
+  if (!curve.ok()) {
+    std::cerr << "distval-ctl: " << curve.status().message() << "\n";
+    return 2;
+  }
+  if (*curve) {
+    o.curve_public_key = (*curve)->own.public_key;
+    o.curve_secret_key = (*curve)->own.secret_key;
+    o.curve_server_key = (*curve)->server_public_key;
+  }
   if (!cluster_file.empty()) {
     auto c = ClusterSpecFromFile(cluster_file);
     if (!c.ok()) {

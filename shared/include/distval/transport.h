@@ -282,6 +282,23 @@ struct SocketOptions {
   // reading the bytes of any frame (Frame::streaming() tells which may not
   // be complete yet).
   bool shared_memory_early_receive = false;
+
+  // CURVE encryption and authentication (ZMQ_CURVE_*); keys are 40-character
+  // Z85 text (distval/curve_keys.h). All empty: no CURVE (ZeroMQ's NULL
+  // mechanism, plain text, anyone may connect).
+  // Server (curve_server): curve_secret_key is this server's secret key;
+  // clients are admitted by the ZAP handler of the Context (see
+  // distval/zap_authenticator.h), asked with zap_domain.
+  // Client (curve_server_key set): curve_public_key/curve_secret_key are its
+  // own pair, curve_server_key the server's public key.
+  // CURVE and shared_memory exclude each other (the tensor bytes would
+  // bypass the encrypted, authenticated connection): Create fails with
+  // InvalidArgument when both are set.
+  bool curve_server = false;
+  std::string curve_public_key;
+  std::string curve_secret_key;
+  std::string curve_server_key;
+  std::string zap_domain;
 };
 
 // What went through shared memory on one socket (for tests and benchmarks).
@@ -311,7 +328,9 @@ class Socket {
  public:
   // Creates a socket with `options` applied. InvalidArgument when an option
   // is out of range or does not apply to `type` (router_mandatory on a
-  // non-ROUTER socket, a routing_id longer than 255 bytes), Cancelled after
+  // non-ROUTER socket, a routing_id longer than 255 bytes, a CURVE key that
+  // is not 40-character Z85, a CURVE setting that is incomplete or combined
+  // with shared_memory), Unimplemented when libzmq lacks CURVE, Cancelled after
   // Context::Shutdown, ResourceExhausted when out of sockets/fds, Internal
   // for anything else ZeroMQ refuses.
   static StatusOr<std::unique_ptr<Socket>> Create(Context& context, SocketType type,

@@ -71,6 +71,15 @@ struct ClientOptions {
   // from; a pull one copy from the server's parameters into the caller's
   // buffer). False: ZeroMQ frames only.
   bool shared_memory = true;
+  // CURVE encryption and authentication (distval/curve_keys.h, Z85 text):
+  // this client's key pair and the servers' public key (every shard uses
+  // the same server key). All empty: plain ZeroMQ. With CURVE the
+  // shared-memory path is not used, whatever shared_memory says. A server
+  // that does not admit the key (or a plain server) never answers: Connect
+  // fails with Unavailable after connect_timeout.
+  std::string curve_public_key;
+  std::string curve_secret_key;
+  std::string curve_server_key;
   // Sees every request and reply (metrics, timelines); null: none.
   // Borrowed: must outlive the client. Called on the I/O thread.
   ClientObserver* observer = nullptr;
