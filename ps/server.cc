@@ -367,6 +367,7 @@ Status Server::Impl::Init() {
   so.shared_memory_early_receive = true;
   DV_ASSIGN_OR_RETURN(socket_,
                       transport::Socket::Create(*context_, transport::SocketType::kRouter, so));
+  if (zap_) DV_RETURN_IF_ERROR(zap_->WatchHandshakeFailures(*socket_));
   DV_ASSIGN_OR_RETURN(endpoint_, socket_->Bind(o.bind));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));

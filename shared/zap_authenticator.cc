@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <map>
+#include <sstream>
 #include <string_view>
 
 #include "distval/curve_keys.h"
@@ -45,14 +47,31 @@ StatusOr<std::unique_ptr<ZapAuthenticator>> ZapAuthenticator::Start(
         " (is another one running in this context?): " + std::string(bound.status().message()));
   }
   std::unique_ptr<ZapAuthenticator> auth(
-      new ZapAuthenticator(std::move(socket), std::move(authorized_public_keys)));
+      new ZapAuthenticator(&context, std::move(socket), std::move(authorized_public_keys)));
   auth->thread_ = std::thread([a = auth.get()] { a->Loop(); });
   return auth;
 }
 
-ZapAuthenticator::ZapAuthenticator(std::unique_ptr<transport::Socket> socket,
+ZapAuthenticator::ZapAuthenticator(transport::Context* context,
+                                   std::unique_ptr<transport::Socket> socket,
                                    std::vector<std::string> keys)
-    : socket_(std::move(socket)), keys_(std::move(keys)) {}
+    : socket_(std::move(socket)), context_(context), keys_(std::move(keys)) {}
+
+Status ZapAuthenticator::WatchHandshakeFailures(transport::Socket& socket) {
+  static std::atomic<int> next_id{0};
+  const std::string endpoint = "inproc://distval-zap-monitor-" + std::to_string(next_id++);
+  if (zmq_socket_monitor(
+          socket.raw(), endpoint.c_str(),
+          ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) != 0) {
+    return InternalError("zmq_socket_monitor " + endpoint + ": " + zmq_strerror(errno));
+  }
+  DV_ASSIGN_OR_RETURN(auto monitor,
+                      transport::Socket::Create(*context_, transport::SocketType::kPair));
+  DV_RETURN_IF_ERROR(monitor->Connect(endpoint));
+  std::lock_guard<std::mutex> lock(mu_);
+  pending_monitor_ = std::move(monitor);
+  return OkStatus();
+}
 
 ZapAuthenticator::~ZapAuthenticator() {
   stop_.store(true);
@@ -66,9 +85,57 @@ void ZapAuthenticator::Loop() {
     Clock::time_point last_logged;
     int64_t since_logged = 0;  // refusals not logged yet
   };
-  std::map<std::string, Refusals> refusals;  // by key (or mechanism)
+  std::map<std::string, Refusals> refusals;  // by key, mechanism or failure
+  // Logs a refusal of `who` unless one was logged less than kLogEvery ago.
+  auto log_refusal = [&refusals](const std::string& who, const std::string& what) {
+    if (refusals.size() > 1024) refusals.clear();
+    Refusals& r = refusals[who];
+    ++r.since_logged;
+    const auto now = Clock::now();
+    if (r.logged && now - r.last_logged < kLogEvery) return;
+    DV_LOG(kWarning) << what
+                     << (r.since_logged > 1 ? " (" + std::to_string(r.since_logged - 1) +
+                                                  " more refused since last logged)"
+                                            : std::string());
+    r.logged = true;
+    r.last_logged = now;
+    r.since_logged = 0;
+  };
+  std::unique_ptr<transport::Socket> monitor;
   while (!stop_.load()) {
-    auto request = socket_->Receive(kPollInterval);
+    if (!monitor) {
+      std::lock_guard<std::mutex> lock(mu_);
+      monitor = std::move(pending_monitor_);
+    }
+    if (monitor) {
+      transport::Socket* both[] = {socket_.get(), monitor.get()};
+      auto ready = transport::PollReadable(both, kPollInterval);
+      if (!ready.ok()) {
+        if (ready.status().code() != StatusCode::kCancelled)
+          DV_LOG(kError) << "ZAP handler stopped: " << ready.status();
+        break;
+      }
+      if (ready->empty()) continue;
+      // Monitor events: [uint16 event, uint32 value] then the endpoint.
+      auto event = monitor->Receive(std::chrono::milliseconds(0));
+      if (event.ok() && event->size() == 2 && (*event)[0].size() == 6) {
+        uint16_t id = 0;
+        uint32_t value = 0;
+        std::memcpy(&id, (*event)[0].data(), sizeof(id));
+        std::memcpy(&value, (*event)[0].data() + 2, sizeof(value));
+        const std::string on = AsString((*event)[1]);
+        const bool mismatch = id == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL &&
+                              value == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH;
+        std::ostringstream code;
+        code << std::hex << value;
+        const std::string reason = mismatch ? "not a CURVE client (security mechanism mismatch)"
+                                            : "handshake failed (event 0x" + code.str() + ")";
+        refused_.fetch_add(1, std::memory_order_relaxed);
+        log_refusal(on + reason, "refused connection on " + on + ": " + reason);
+        continue;
+      }
+    }
+    auto request = socket_->Receive(monitor ? std::chrono::milliseconds(0) : kPollInterval);
     if (!request.ok()) {
       if (request.status().code() == StatusCode::kDeadlineExceeded) continue;
       if (request.status().code() != StatusCode::kCancelled)
@@ -94,21 +161,9 @@ void ZapAuthenticator::Loop() {
     } else {
       refused_.fetch_add(1, std::memory_order_relaxed);
       const std::string who = key.empty() ? "mechanism " + mechanism : key;
-      if (refusals.size() > 1024) refusals.clear();
-      Refusals& r = refusals[who];
-      ++r.since_logged;
-      const auto now = Clock::now();
-      if (!r.logged || now - r.last_logged >= kLogEvery) {
-        DV_LOG(kWarning) << "refused connection from " << address << ": "
-                         << (key.empty() ? "not a CURVE client (" + who + ")"
-                                         : "CURVE key " + key + " is not authorized")
-                         << (r.since_logged > 1 ? " (" + std::to_string(r.since_logged - 1) +
-                                                      " more refused since last logged)"
-                                                : std::string());
-        r.logged = true;
-        r.last_logged = now;
-        r.since_logged = 0;
-      }
+      log_refusal(who, "refused connection from " + address + ": " +
+                           (key.empty() ? "not a CURVE client (" + who + ")"
+                                        : "CURVE key " + key + " is not authorized"));
     }
     Status s = socket_->Send(
         transport::MakeMessage(Text("1.0"), Text(request_id), Text(ok ? "200" : "400"),
@@ -116,6 +171,7 @@ void ZapAuthenticator::Loop() {
     if (!s.ok() && s.code() == StatusCode::kCancelled) break;
     if (!s.ok()) DV_LOG(kError) << "ZAP reply: " << s;
   }
+  monitor.reset();
   socket_.reset();
 }
 

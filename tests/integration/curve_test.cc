@@ -2,7 +2,7 @@
 // pair; distval-ps --curve-secret --authorized-keys admits an authorized
 // client (push/pull, distval-ctl, a distval-worker training run) and refuses
 // a client with an unlisted key and a plain client (neither gets a reply,
-// and the refusal of the key is logged with the key's Z85 text).
+// and both refusals are logged, the key's with its Z85 text).
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -133,10 +133,11 @@ TEST_F(CurveTest, OnlyAuthorizedKeysArePushedAndPulled) {
   ASSERT_FALSE(plain.ok());
   EXPECT_EQ(plain.status().code(), StatusCode::kUnavailable) << plain.status();
 
-  // The server logged the refused key (its Z85 text), and never the good one.
+  // The server logged the refused key (its Z85 text) and the plain client.
   const std::string log = testing::ReadFile(cluster->LogPath(0));
   EXPECT_NE(log.find("CURVE key " + mallory.public_key + " is not authorized"), std::string::npos)
       << log;
+  EXPECT_NE(log.find("not a CURVE client (security mechanism mismatch)"), std::string::npos) << log;
   EXPECT_NE(log.find("curve=on (1 authorized keys, shared memory off)"), std::string::npos) << log;
 
   // The authorized key: variables, pushes and pulls work.
@@ -169,6 +170,9 @@ TEST_F(CurveTest, OnlyAuthorizedKeysArePushedAndPulled) {
       Path("ctl.log"), 20);
   EXPECT_EQ(status.exit_code, 0) << status.output;
   EXPECT_NE(status.output.find("variables: 1"), std::string::npos) << status.output;
+  // The authorized key was never refused.
+  const std::string after = testing::ReadFile(cluster->LogPath(0));
+  EXPECT_EQ(after.find(alice.public_key), std::string::npos) << after;
 }
 
 TEST_F(CurveTest, AnAuthorizedWorkerTrains) {

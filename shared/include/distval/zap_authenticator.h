@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -44,16 +45,29 @@ class ZapAuthenticator {
   ZapAuthenticator(const ZapAuthenticator&) = delete;
   ZapAuthenticator& operator=(const ZapAuthenticator&) = delete;
 
+  // Also logs (warning, at most once every 10 seconds per reason, with the
+  // number since) the handshakes that fail on `socket` before any ZAP
+  // request: clients without CURVE (mechanism mismatch) and malformed
+  // handshakes. `socket` is borrowed and must be a CURVE server socket of
+  // this authenticator's context that outlives it; call once, from the
+  // thread that owns `socket`. Errors: the transport's (monitor setup).
+  Status WatchHandshakeFailures(transport::Socket& socket);
+
   // Handshakes answered 200 / 400 so far.
   int64_t accepted() const { return accepted_.load(std::memory_order_relaxed); }
   int64_t refused() const { return refused_.load(std::memory_order_relaxed); }
 
  private:
-  ZapAuthenticator(std::unique_ptr<transport::Socket> socket, std::vector<std::string> keys);
+  ZapAuthenticator(transport::Context* context, std::unique_ptr<transport::Socket> socket,
+                   std::vector<std::string> keys);
   void Loop();
 
   std::unique_ptr<transport::Socket> socket_;  // used by thread_ only
-  const std::vector<std::string> keys_;        // sorted Z85
+  transport::Context* context_;                // borrowed
+  std::mutex mu_;
+  // Handed to thread_ by WatchHandshakeFailures. Guarded by mu_.
+  std::unique_ptr<transport::Socket> pending_monitor_;
+  const std::vector<std::string> keys_;  // sorted Z85
   std::atomic<bool> stop_{false};
   std::atomic<int64_t> accepted_{0};
   std::atomic<int64_t> refused_{0};
