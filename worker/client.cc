@@ -1087,6 +1087,31 @@ Status GroupRows(const VariableInfo& v, std::span<const int64_t> indices,
   return OkStatus();
 }
 
+// Checks that `values` floats hold indices.size() rows of `v`, then groups the
+// rows by the shard that holds them.
+StatusOr<std::map<int, RowGroup>> GroupRowsChecked(const VariableInfo& v,
+                                                   std::span<const int64_t> indices,
+                                                   size_t values, const char* what) {
+  const size_t need = indices.size() * static_cast<size_t>(v.shape.row_elements());
+  if (values != need)
+    return InvalidArgumentError(std::string(what) + " of '" + v.spec.name + "': " +
+                                std::to_string(values) + " floats given, " +
+                                std::to_string(indices.size()) + " rows need " +
+                                std::to_string(need));
+  std::map<int, RowGroup> groups;
+  DV_RETURN_IF_ERROR(GroupRows(v, indices, &groups));
+  return groups;
+}
+
+// The TensorRef of n i64 row indices in payload frame 1.
+protocol::TensorRef IndexRef(size_t n) {
+  protocol::TensorRef idx;
+  idx.frame = 1;
+  idx.dtype = DType::kI64;
+  idx.shape = {static_cast<int64_t>(n)};
+  return idx;
+}
+
 Payload IndexPayload(std::vector<int64_t> indices) {
   auto holder = std::make_shared<std::vector<int64_t>>(std::move(indices));
   return Payload::Borrow(holder->data(), holder->size() * sizeof(int64_t), holder);
@@ -1100,23 +1125,14 @@ RequestHandle Client::PullRows(const std::string& variable, std::span<const int6
   if (!info_or.ok()) return FailedHandle(info_or.status());
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
-  if (out.size() != indices.size() * static_cast<size_t>(row_elems))
-    return FailedHandle(InvalidArgumentError(
-        "sparse pull of '" + variable + "': buffer has " + std::to_string(out.size()) +
-        " floats, " + std::to_string(indices.size()) + " rows need " +
-        std::to_string(indices.size() * static_cast<size_t>(row_elems))));
-  std::map<int, RowGroup> groups;
-  Status gs = GroupRows(v, indices, &groups);
-  if (!gs.ok()) return FailedHandle(gs);
+  auto groups = GroupRowsChecked(v, indices, out.size(), "sparse pull");
+  if (!groups.ok()) return FailedHandle(groups.status());
   std::vector<Impl::Outgoing> msgs;
-  for (auto& [shard, g] : groups) {
+  for (auto& [shard, g] : *groups) {
     Impl::Outgoing m;
     m.shard = shard;
     m.request = impl_->NewRequest();
-    protocol::TensorRef idx;
-    idx.frame = 1;
-    idx.dtype = DType::kI64;
-    idx.shape = {static_cast<int64_t>(g.indices.size())};
+    const protocol::TensorRef idx = IndexRef(g.indices.size());
     protocol::Pull pull;
     pull.reads.push_back(protocol::Read{variable, protocol::Encoding::kRaw, idx});
     m.request.body = std::move(pull);
@@ -1147,23 +1163,14 @@ RequestHandle Client::PushRows(const std::string& variable, std::span<const int6
   if (!info_or.ok()) return FailedHandle(info_or.status());
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
-  if (grad.size() != indices.size() * static_cast<size_t>(row_elems))
-    return FailedHandle(InvalidArgumentError(
-        "sparse push of '" + variable + "': gradient has " + std::to_string(grad.size()) +
-        " floats, " + std::to_string(indices.size()) + " rows need " +
-        std::to_string(indices.size() * static_cast<size_t>(row_elems))));
-  std::map<int, RowGroup> groups;
-  Status gs = GroupRows(v, indices, &groups);
-  if (!gs.ok()) return FailedHandle(gs);
+  auto groups = GroupRowsChecked(v, indices, grad.size(), "sparse push");
+  if (!groups.ok()) return FailedHandle(groups.status());
   std::vector<Impl::Outgoing> msgs;
-  for (auto& [shard, g] : groups) {
+  for (auto& [shard, g] : *groups) {
     Impl::Outgoing m;
     m.shard = shard;
     m.request = impl_->NewRequest();
-    protocol::TensorRef idx;
-    idx.frame = 1;
-    idx.dtype = DType::kI64;
-    idx.shape = {static_cast<int64_t>(g.indices.size())};
+    const protocol::TensorRef idx = IndexRef(g.indices.size());
     protocol::Update u;
     u.variable = variable;
     u.values.frame = 2;
