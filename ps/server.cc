@@ -2,7 +2,6 @@
 
 #include <sys/eventfd.h>
 #include <unistd.h>
-#include <xmmintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -20,6 +19,7 @@
 #include "checkpoint.h"
 #include "consistency_controller.h"
 #include "distval/encoding.h"
+#include "distval/float_env.h"
 #include "distval/logging.h"
 #include "distval/transport.h"
 #include "distval/zap_authenticator.h"
@@ -72,8 +72,6 @@ Status ParseCheckpointEvery(const std::string& text, ServerOptions* options) {
 }
 
 namespace {
-
-void SetFlushDenormalsToZero() { _mm_setcsr(_mm_getcsr() | 0x8040); }
 
 // A fixed pool that runs one range-split job at a time (the dispatcher
 // waits for it), so a large dense apply uses every --threads core.

@@ -2,7 +2,7 @@
 //
 // Denormal floats are 10-100x slower on x86 (measured on this project: worker
 // throughput fell from 57k to 37k examples/s after the first epoch without
-// this). Every thread that does float math (replica threads, gather helpers,
+// this). Every thread that does float math (replica threads, server apply threads,
 // tests that train) calls SetFlushDenormalsToZero() once when it starts.
 #ifndef DISTVAL_FLOAT_ENV_H_
 #define DISTVAL_FLOAT_ENV_H_
