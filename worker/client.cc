@@ -989,21 +989,34 @@ RequestHandle Client::Push(std::vector<PushSource> sources, bool advance_clock) 
   return impl_->Submit(std::move(msgs), state, true);
 }
 
+namespace {
+
+// OutOfRange unless `rows` lies within the variable; InvalidArgument unless
+// `values` floats hold exactly those rows.
+Status CheckRowRange(const VariableInfo& v, protocol::RowRange rows, size_t values,
+                     const char* what) {
+  const std::string name = std::string(what) + " of '" + v.spec.name + "'";
+  if (rows.begin < 0 || rows.end > v.shape.rows() || rows.begin > rows.end)
+    return OutOfRangeError(name + ": rows [" + std::to_string(rows.begin) + ", " +
+                           std::to_string(rows.end) + ") outside [0, " +
+                           std::to_string(v.shape.rows()) + ")");
+  const int64_t need = rows.size() * v.shape.row_elements();
+  if (static_cast<int64_t>(values) != need)
+    return InvalidArgumentError(name + ": " + std::to_string(values) +
+                                " floats given, rows need " + std::to_string(need));
+  return OkStatus();
+}
+
+}  // namespace
+
 RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange rows,
                                 std::span<float> out) {
   auto info_or = Find(variable);
   if (!info_or.ok()) return FailedHandle(info_or.status());
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
-  if (rows.begin < 0 || rows.end > v.shape.rows() || rows.begin > rows.end)
-    return FailedHandle(OutOfRangeError("pull of '" + variable + "': rows [" +
-                                        std::to_string(rows.begin) + ", " +
-                                        std::to_string(rows.end) + ") outside [0, " +
-                                        std::to_string(v.shape.rows()) + ")"));
-  if (static_cast<int64_t>(out.size()) != rows.size() * row_elems)
-    return FailedHandle(InvalidArgumentError("pull of '" + variable + "': buffer has " +
-                                             std::to_string(out.size()) + " floats, rows need " +
-                                             std::to_string(rows.size() * row_elems)));
+  if (Status bad = CheckRowRange(v, rows, out.size(), "pull"); !bad.ok())
+    return FailedHandle(bad);
   std::vector<Impl::Outgoing> msgs;
   for (const ShardSlice& slice : v.placement.slices) {
     int64_t b = std::max(rows.begin, slice.row_begin), e = std::min(rows.end, slice.row_end);
@@ -1033,15 +1046,8 @@ RequestHandle Client::PushRange(const std::string& variable, protocol::RowRange 
   if (!info_or.ok()) return FailedHandle(info_or.status());
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
-  if (rows.begin < 0 || rows.end > v.shape.rows() || rows.begin > rows.end)
-    return FailedHandle(OutOfRangeError("push of '" + variable + "': rows [" +
-                                        std::to_string(rows.begin) + ", " +
-                                        std::to_string(rows.end) + ") outside [0, " +
-                                        std::to_string(v.shape.rows()) + ")"));
-  if (static_cast<int64_t>(grad.size()) != rows.size() * row_elems)
-    return FailedHandle(InvalidArgumentError("push of '" + variable + "': gradient has " +
-                                             std::to_string(grad.size()) + " floats, rows need " +
-                                             std::to_string(rows.size() * row_elems)));
+  if (Status bad = CheckRowRange(v, rows, grad.size(), "push"); !bad.ok())
+    return FailedHandle(bad);
   auto state = impl_->NewState();
   auto token = MakeReleaseToken(state);
   std::vector<Impl::Outgoing> msgs;
