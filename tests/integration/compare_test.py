@@ -72,9 +72,11 @@ class CompareTest(unittest.TestCase):
             for name, m in modes.items():
                 fast, slow = m["per_worker"]["0"], m["per_worker"]["1"]
                 ratio = slow["mean_compute_s"] / fast["mean_compute_s"]
-                # About 3x; loose, since 2 cores are shared by 4 processes.
+                # About 3x; loose, since 2 cores are shared by 4 processes
+                # (and by whatever else runs): only "clearly slower" is
+                # asserted, with a bound far off for nonsense values.
                 self.assertGreater(ratio, 2.0, name)
-                self.assertLess(ratio, 6.0, name)
+                self.assertLess(ratio, 15.0, name)
             bsp_fast = modes["bsp"]["per_worker"]["0"]["blocked_share"]
             async_fast = modes["async"]["per_worker"]["0"]["blocked_share"]
             self.assertGreater(bsp_fast, 0.4)
