@@ -11,6 +11,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -267,8 +268,10 @@ class Server::Impl {
   uint64_t nan_updates_ = 0;
   // Request ids of the pushes each worker had acknowledged lately (the last
   // kDedupeWindow), so that a push it retries after a lost reply is
-  // acknowledged again but not applied twice. Cleared by the worker's hello
-  // (a restarted worker numbers its requests afresh).
+  // acknowledged again but not applied twice. Kept across the worker's
+  // hellos: a client that lost its connection says hello again and then
+  // resends what was not answered (request ids start at a random point, so
+  // a restarted worker's ids do not collide with its predecessor's).
   static constexpr size_t kDedupeWindow = 4096;
   struct RecentPushes {
     std::deque<uint64_t> order;
@@ -290,6 +293,15 @@ class Server::Impl {
   }
 
   ServerOptions options_;
+  // Random id of this process, in every HelloReply (clients tell a restarted
+  // shard from a reconnection to the same one).
+  const uint64_t incarnation_ = [] {
+    std::random_device rd;
+    const uint64_t r = (uint64_t{rd()} << 32) ^ uint64_t{rd()};
+    return r == 0 ? 1 : r;
+  }();
+  // Clock of the checkpoint restored at start; -1: none.
+  int64_t restored_clock_ = -1;
   ApplyPool pool_;
   VariableStore::RangeRunner runner_ = [this](int64_t n,
                                               const std::function<void(int64_t, int64_t)>& body) {
@@ -395,6 +407,7 @@ Status Server::Impl::RestoreFromCheckpoint() {
   if (!s.ok()) return Status(s.code(), dir + ": " + s.message());
   last_checkpoint_clock_ = r.info.clock;
   last_checkpoint_ = dir;
+  restored_clock_ = r.info.clock;
   DV_LOG(kInfo) << "restored " << r.variables.size() << " variable(s) at clock " << r.info.clock
                 << " from " << dir;
   return OkStatus();
@@ -684,6 +697,9 @@ Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
   hr.num_shards = options_.num_shards;
   hr.num_workers = options_.num_workers;
   hr.staleness = current;
+  hr.incarnation = incarnation_;
+  hr.num_variables = static_cast<int32_t>(store_.size());
+  hr.restored_clock = restored_clock_;
   if (h.role == protocol::Role::kWorker) {
     if (h.num_workers != options_.num_workers)
       return FailedPreconditionError("number of workers mismatch: worker expects " +
@@ -693,7 +709,6 @@ Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
       return InvalidArgumentError("hello: worker id " + std::to_string(req.worker_id) +
                                   " differs from worker_index " + std::to_string(h.worker_index));
     DV_ASSIGN_OR_RETURN(hr.clock, controller_->OnHello(req.worker_id));
-    recent_pushes_.erase(req.worker_id);
     DV_LOG(kInfo) << "worker " << req.worker_id << " joined at clock " << hr.clock;
   }
   Reply r = NewReply(req.request_id);

@@ -128,6 +128,9 @@ struct HelloReply {
   numWorkers @3 :Int32;        # number of workers the server expects
   staleness @4 :Int32;         # current job staleness
   clock @5 :Int64;             # clock at which this worker (re)joins
+  incarnation @6 :UInt64;      # random id of this server process (a restart changes it)
+  numVariables @7 :Int32;      # variables this shard holds (0 after a restart without --restore)
+  restoredClock @8 :Int64 = -1; # clock of the checkpoint this process restored (-1: none)
 }
 
 # Create a variable, or find the existing one with the same spec.

@@ -321,6 +321,9 @@ void SetReply(wire::Reply::Builder out, const Reply& reply) {
                    h.setNumWorkers(b.num_workers);
                    h.setStaleness(b.staleness);
                    h.setClock(b.clock);
+                   h.setIncarnation(b.incarnation);
+                   h.setNumVariables(b.num_variables);
+                   h.setRestoredClock(b.restored_clock);
                  },
                  [&](const PullReply& b) {
                    auto p = out.initPull();
@@ -860,8 +863,9 @@ Status DecodeReplyRoot(Decoder& d, wire::Reply::Reader in, Reply* out) {
       return OkStatus();
     case wire::Reply::HELLO: {
       auto h = in.getHello();
-      out->body = HelloReply{h.getProtocolVersion(), h.getShardIndex(), h.getNumShards(),
-                             h.getNumWorkers(),      h.getStaleness(),  h.getClock()};
+      out->body = HelloReply{h.getProtocolVersion(), h.getShardIndex(),   h.getNumShards(),
+                             h.getNumWorkers(),      h.getStaleness(),    h.getClock(),
+                             h.getIncarnation(),     h.getNumVariables(), h.getRestoredClock()};
       return OkStatus();
     }
     case wire::Reply::PULL: {

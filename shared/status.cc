@@ -65,6 +65,7 @@ Status ResourceExhaustedError(std::string m) {
 Status FailedPreconditionError(std::string m) {
   return Status(StatusCode::kFailedPrecondition, std::move(m));
 }
+Status AbortedError(std::string m) { return Status(StatusCode::kAborted, std::move(m)); }
 Status OutOfRangeError(std::string m) { return Status(StatusCode::kOutOfRange, std::move(m)); }
 Status UnimplementedError(std::string m) {
   return Status(StatusCode::kUnimplemented, std::move(m));

@@ -311,6 +311,22 @@ Status ApplyOptions(void* socket, SocketType type, const SocketOptions& options)
   DV_RETURN_IF_ERROR(SetOption(socket, ZMQ_MAXMSGSIZE, max_message, "ZMQ_MAXMSGSIZE"));
   const int keepalive = options.tcp_keepalive ? 1 : 0;
   DV_RETURN_IF_ERROR(SetOption(socket, ZMQ_TCP_KEEPALIVE, keepalive, "ZMQ_TCP_KEEPALIVE"));
+  if (options.reconnect_ivl_ms < 0 || options.reconnect_ivl_max_ms < 0 ||
+      options.heartbeat_ivl_ms < 0 || options.heartbeat_timeout_ms < 0) {
+    return InvalidArgumentError(
+        "SocketOptions.reconnect_ivl_ms/reconnect_ivl_max_ms/heartbeat_ivl_ms/"
+        "heartbeat_timeout_ms must be >= 0");
+  }
+  DV_RETURN_IF_ERROR(
+      SetOption(socket, ZMQ_RECONNECT_IVL, options.reconnect_ivl_ms, "ZMQ_RECONNECT_IVL"));
+  DV_RETURN_IF_ERROR(SetOption(socket, ZMQ_RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms,
+                               "ZMQ_RECONNECT_IVL_MAX"));
+  if (options.heartbeat_ivl_ms > 0) {
+    DV_RETURN_IF_ERROR(
+        SetOption(socket, ZMQ_HEARTBEAT_IVL, options.heartbeat_ivl_ms, "ZMQ_HEARTBEAT_IVL"));
+    DV_RETURN_IF_ERROR(SetOption(socket, ZMQ_HEARTBEAT_TIMEOUT, options.heartbeat_timeout_ms,
+                                 "ZMQ_HEARTBEAT_TIMEOUT"));
+  }
   if (!options.routing_id.empty()) {
     if (zmq_setsockopt(socket, ZMQ_ROUTING_ID, options.routing_id.data(),
                        options.routing_id.size()) != 0) {
@@ -425,6 +441,11 @@ Payload Payload::Borrow(const void* data, size_t size, std::shared_ptr<const voi
   p.owner_ = std::move(owner);
   p.borrowed_ = true;
   return p;
+}
+
+Payload Payload::Duplicate() const {
+  if (borrowed_) return Borrow(data_, size_, owner_);
+  return Copy(std::vector<std::byte>(copy_));
 }
 
 // ---------------------------------------------------------------- Frame
@@ -722,6 +743,32 @@ StatusOr<std::vector<size_t>> PollReadable(std::span<Socket* const> sockets,
     }
     if (!ready.empty() || deadline.Expired()) return ready;
   }
+}
+
+StatusOr<std::unique_ptr<Socket>> WatchConnections(Context& context, Socket& socket) {
+  static std::atomic<uint64_t> next_id{0};
+  const std::string endpoint =
+      "inproc://distval-connection-monitor-" + std::to_string(next_id.fetch_add(1));
+  if (zmq_socket_monitor(socket.raw(), endpoint.c_str(),
+                         ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED) != 0) {
+    return InternalError("zmq_socket_monitor " + endpoint + ": " + zmq_strerror(errno));
+  }
+  DV_ASSIGN_OR_RETURN(auto monitor, Socket::Create(context, SocketType::kPair));
+  DV_RETURN_IF_ERROR(monitor->Connect(endpoint));
+  return monitor;
+}
+
+StatusOr<ConnectionEventInfo> ReadConnectionEvent(Socket& monitor) {
+  DV_ASSIGN_OR_RETURN(InMessage event, monitor.Receive(std::chrono::milliseconds(0)));
+  ConnectionEventInfo info;
+  // Monitor events: [uint16 event, uint32 value] then the endpoint.
+  if (event.size() != 2 || event[0].size() != 6) return info;
+  uint16_t id = 0;
+  std::memcpy(&id, event[0].data(), sizeof(id));
+  if (id == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) info.event = ConnectionEvent::kConnected;
+  if (id == ZMQ_EVENT_DISCONNECTED) info.event = ConnectionEvent::kDisconnected;
+  info.endpoint.assign(reinterpret_cast<const char*>(event[1].data()), event[1].size());
+  return info;
 }
 
 }  // namespace distval::transport

@@ -202,6 +202,10 @@ Status TrainClassifier(ParameterServerStrategy& strategy, const TrainerOptions& 
   TrainerCallback outputs(options, out, metrics.is_open() ? &metrics : nullptr, test.get(), worker);
   FitOptions fit;
   fit.epochs = options.epochs;
+  // The job's clock decides where in the data this worker is: a restarted
+  // worker continues the job's data order, and a rollback to a checkpoint
+  // redoes the very same batches.
+  fit.resume_at_job_clock = true;
   fit.callbacks = {&outputs};
   fit.verbose = Verbosity::kProgressBar;
   fit.out = &out;

@@ -139,6 +139,24 @@ class Client::Impl {
   // once otherwise (the holder completes the request). Called by Wait().
   static void DriveUntilAnswered(RequestHandle::State& state, Clock::time_point deadline);
   uint64_t NextId() { return next_id_.fetch_add(1); }
+  // The hello of this client (Connect, and again after a lost connection).
+  protocol::Hello MakeHello() const;
+  // Records the server process that answered shard's hello. REQUIRES: the
+  // lease is held (called from a reply callback).
+  void SetIncarnation(int shard, uint64_t incarnation) {
+    links_[static_cast<size_t>(shard)].incarnation = incarnation;
+  }
+  // Aborted while a rollback waits for AcceptRollback; OK otherwise.
+  Status RollbackPending() const {
+    if (rollback_clock_.load() < 0) return OkStatus();
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    return AbortedError(rollback_reason_ + " (not yet accepted: Client::AcceptRollback)");
+  }
+  int64_t AcceptRollback() {
+    const int64_t c = rollback_clock_.exchange(-1);
+    if (c >= 0) owner_->set_clock(c);
+    return owner_->clock();
+  }
   Request NewRequest() {
     Request r;
     r.request_id = NextId();
@@ -178,6 +196,21 @@ class Client::Impl {
     OnReply on_reply;
     std::shared_ptr<RequestHandle::State> state;
     bool is_pull;
+    // The message, to send it again after a lost connection: the encoded
+    // header and duplicates of the payloads (a Borrow keeps the caller's
+    // buffer borrowed until the reply).
+    std::vector<std::byte> header;
+    std::vector<Payload> frames;
+    bool sent = true;  // false while its shard's connection is being rebuilt
+  };
+  // The connection to one shard, as the lease holder sees it.
+  struct Link {
+    std::unique_ptr<transport::Socket> monitor;  // its socket's connection events
+    bool lost = false;                           // rebuilding; requests wait
+    bool gave_up = false;                        // lost for longer than retry_timeout
+    Clock::time_point lost_since;
+    uint64_t incarnation = 0;  // of the server process last greeted (0: none yet)
+    uint64_t rejoin_id = 0;    // the hello that will end the rebuilding
   };
 
   // A caller that submitted a request and released the lease has this long
@@ -197,6 +230,21 @@ class Client::Impl {
   void HandleMessage(int shard, InMessage& msg);
   void CompleteOne(Pending& p, const Status& s);
   void SendHeartbeats();
+  // (Re)creates shard i's DEALER socket and its connection monitor.
+  Status OpenShard(size_t i);
+  void RebuildPollList();
+  // Shard `shard`'s connection dropped: rebuild it and say hello again;
+  // requests wait (Pending::sent false) until the hello is answered.
+  void OnConnectionLost(int shard);
+  // The rebuilt connection's hello was answered: resend, roll back or fail.
+  void OnRejoined(int shard, const Reply& reply);
+  // Sends shard's requests again (those still waited for), in id order.
+  void Resend(int shard);
+  // Fails the pending requests of `shard` (all shards: -1) with `status`.
+  void FailPending(int shard, const Status& status);
+  // Fails the requests of shards lost for longer than retry_timeout.
+  void CheckRetryDeadlines();
+  bool ShardHoldsVariables(int shard) const;
   // Copies the sockets' shared-memory counters into stats_. REQUIRES: the
   // lease is held.
   void UpdateSharedMemoryStats();
@@ -227,8 +275,11 @@ class Client::Impl {
   }
   std::atomic<uint64_t> next_id_{FirstRequestId()};
   std::unique_ptr<transport::Context> context_;
+  transport::SocketOptions socket_options_;
   std::vector<std::unique_ptr<transport::Socket>> sockets_;  // lease holder only after Start()
   std::vector<transport::Socket*> socket_ptrs_;
+  std::vector<Link> links_;                   // lease holder only after Start()
+  std::vector<transport::Socket*> poll_ptrs_;  // sockets, then their monitors
   int wake_fd_ = -1;
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -247,6 +298,11 @@ class Client::Impl {
   std::mutex queue_mu_;        // Acquired after lease_->mu when both are held.
   std::deque<Command> queue_;  // Guarded by queue_mu_.
 
+  // Clock of the checkpoint a restarted shard rolled the job back to, until
+  // the caller accepts it (Client::AcceptRollback); -1: none.
+  std::atomic<int64_t> rollback_clock_{-1};
+  std::string rollback_reason_;  // Guarded by stats_mu_.
+
   // Lease holder only:
   std::unordered_map<uint64_t, Pending> pending_;
   std::vector<Clock::time_point> last_send_;
@@ -256,7 +312,11 @@ Status Client::Impl::Start() {
   if (options_.ps_endpoints.empty()) return InvalidArgumentError("no parameter servers given");
   shard_names_ = std::make_shared<const std::vector<std::string>>(options_.ps_endpoints);
   context_ = std::make_unique<transport::Context>(1);
-  transport::SocketOptions so;
+  if (options_.retry_timeout.count() < 0 || options_.reconnect_backoff_max.count() < 0 ||
+      options_.connection_timeout.count() <= 0)
+    return InvalidArgumentError(
+        "retry_timeout and reconnect_backoff_max must be >= 0 and connection_timeout > 0");
+  transport::SocketOptions& so = socket_options_;
   so.max_message_bytes = options_.max_message_bytes;
   so.linger_ms = 0;
   so.shared_memory = options_.shared_memory;
@@ -266,14 +326,15 @@ Status Client::Impl::Start() {
     so.curve_secret_key = options_.curve_secret_key;
     so.curve_server_key = options_.curve_server_key;
   }
-  for (size_t i = 0; i < options_.ps_endpoints.size(); ++i) {
-    DV_ASSIGN_OR_RETURN(auto sock,
-                        transport::Socket::Create(*context_, transport::SocketType::kDealer, so));
-    DV_RETURN_IF_ERROR(sock->Connect(options_.ps_endpoints[i])
-                           .WithContext("shard " + std::to_string(i)));
-    socket_ptrs_.push_back(sock.get());
-    sockets_.push_back(std::move(sock));
-  }
+  so.reconnect_ivl_ms = 100;
+  so.reconnect_ivl_max_ms = static_cast<int>(std::max<int64_t>(
+      options_.reconnect_backoff_max.count(), so.reconnect_ivl_ms));
+  so.heartbeat_ivl_ms = static_cast<int>(std::max<int64_t>(options_.heartbeat_interval.count(), 1));
+  so.heartbeat_timeout_ms = static_cast<int>(options_.connection_timeout.count());
+  sockets_.resize(options_.ps_endpoints.size());
+  socket_ptrs_.resize(options_.ps_endpoints.size());
+  links_.resize(options_.ps_endpoints.size());
+  for (size_t i = 0; i < options_.ps_endpoints.size(); ++i) DV_RETURN_IF_ERROR(OpenShard(i));
   min_clocks_.assign(sockets_.size(), 0);
   last_send_.assign(sockets_.size(), Clock::now());
   planner_ = std::make_unique<PlacementPlanner>(static_cast<int>(sockets_.size()));
@@ -295,6 +356,8 @@ void Client::Impl::Stop() {
     Wake();  // a holder blocked in poll
     thread_.join();
   }
+  poll_ptrs_.clear();
+  links_.clear();  // the monitors go before their sockets
   socket_ptrs_.clear();
   sockets_.clear();
   context_.reset();
@@ -306,6 +369,7 @@ RequestHandle Client::Impl::Submit(std::vector<Outgoing> messages,
                                    std::shared_ptr<RequestHandle::State> state,
                                    bool zero_copy_payloads) {
   (void)zero_copy_payloads;
+  if (Status rb = RollbackPending(); !rb.ok()) return FailedHandle(std::move(rb));
   Command cmd;
   {
     std::lock_guard<std::mutex> lock(state->mu);
@@ -410,7 +474,25 @@ void Client::Impl::SendCommand(Command& cmd) {
     for (auto& p : m.payloads) out.push_back(std::move(p));
     uint64_t id = m.request.request_id;
     bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
-    pending_[id] = Pending{m.shard, std::move(m.on_reply), cmd.state, is_pull};
+    Pending pending{m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true};
+    pending.header = cmd.headers[i];
+    pending.frames.reserve(m.payloads.size());
+    for (const Payload& p : m.payloads) pending.frames.push_back(p.Duplicate());
+    const Link& link = links_[static_cast<size_t>(m.shard)];
+    if (link.lost) {
+      if (link.gave_up) {
+        CompleteOne(pending, UnavailableError("shard " + std::to_string(m.shard) + " (" +
+                                              options_.ps_endpoints[m.shard] +
+                                              "): connection lost and not back (retrying)"));
+        continue;
+      }
+      // Sent once the rebuilt connection's hello is answered.
+      pending.sent = false;
+      pending_[id] = std::move(pending);
+      outstanding_.fetch_add(1);
+      continue;
+    }
+    pending_[id] = std::move(pending);
     outstanding_.fetch_add(1);
     if (options_.observer) options_.observer->OnSend(m.shard, m.request, out);
     Status s = sockets_[m.shard]->Send(std::move(out), std::chrono::milliseconds(0));
@@ -439,6 +521,10 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
     return;
   }
   if (options_.observer) options_.observer->OnReply(shard, *reply, msg);
+  if (reply->request_id == links_[static_cast<size_t>(shard)].rejoin_id) {
+    OnRejoined(shard, *reply);
+    return;
+  }
   auto it = pending_.find(reply->request_id);
   if (it == pending_.end()) {
     // Heartbeat replies and replies to abandoned requests.
@@ -470,7 +556,7 @@ void Client::Impl::SendHeartbeats() {
   if (options_.role != protocol::Role::kWorker) return;
   auto now = Clock::now();
   for (size_t i = 0; i < sockets_.size(); ++i) {
-    if (now - last_send_[i] < options_.heartbeat_interval) continue;
+    if (links_[i].lost || now - last_send_[i] < options_.heartbeat_interval) continue;
     Request r = NewRequest();
     r.body = protocol::Heartbeat{};
     transport::OutMessage out;
@@ -499,30 +585,244 @@ void Client::Impl::UpdateSharedMemoryStats() {
 void Client::Impl::IoStep(std::chrono::milliseconds poll_timeout) {
   SendQueued();
   const int fds[1] = {wake_fd_};
-  auto ready = transport::PollReadableWithFds(socket_ptrs_, fds, poll_timeout);
+  auto ready = transport::PollReadableWithFds(poll_ptrs_, fds, poll_timeout);
   if (!ready.ok()) {
     // Only a terminated context makes zmq_poll fail; Stop() follows.
     DV_LOG(kError) << "client I/O poll failed: " << ready.status();
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
     return;
   }
+  const size_t n = socket_ptrs_.size();
+  std::vector<int> lost;
   for (size_t idx : *ready) {
-    if (idx < socket_ptrs_.size()) {
+    if (idx < n) {
       // Drain everything that is waiting on this socket.
       for (;;) {
         auto msg = socket_ptrs_[idx]->Receive(std::chrono::milliseconds(0));
         if (!msg.ok()) break;
         HandleMessage(static_cast<int>(idx), *msg);
       }
+    } else if (idx < 2 * n) {
+      const size_t shard = idx - n;
+      bool dropped = false;
+      for (;;) {
+        auto event = transport::ReadConnectionEvent(*links_[shard].monitor);
+        if (!event.ok()) break;
+        dropped = dropped || event->event == transport::ConnectionEvent::kDisconnected;
+      }
+      if (dropped) lost.push_back(static_cast<int>(shard));
     } else {
       uint64_t v;
       ssize_t n = ::read(wake_fd_, &v, sizeof(v));
       (void)n;
     }
   }
+  // After the replies that were already in (they are answers, not losses).
+  for (int shard : lost)
+    if (!stop_.load()) OnConnectionLost(shard);
+  CheckRetryDeadlines();
   SendQueued();
   SendHeartbeats();
   UpdateSharedMemoryStats();
+}
+
+Status Client::Impl::OpenShard(size_t i) {
+  // The monitor goes before its socket.
+  links_[i].monitor.reset();
+  sockets_[i].reset();
+  DV_ASSIGN_OR_RETURN(
+      auto sock, transport::Socket::Create(*context_, transport::SocketType::kDealer, socket_options_));
+  DV_ASSIGN_OR_RETURN(links_[i].monitor, transport::WatchConnections(*context_, *sock));
+  DV_RETURN_IF_ERROR(
+      sock->Connect(options_.ps_endpoints[i]).WithContext("shard " + std::to_string(i)));
+  socket_ptrs_[i] = sock.get();
+  sockets_[i] = std::move(sock);
+  RebuildPollList();
+  return OkStatus();
+}
+
+void Client::Impl::RebuildPollList() {
+  poll_ptrs_.clear();
+  for (transport::Socket* s : socket_ptrs_) poll_ptrs_.push_back(s);
+  for (const Link& l : links_) poll_ptrs_.push_back(l.monitor.get());
+}
+
+protocol::Hello Client::Impl::MakeHello() const {
+  protocol::Hello h;
+  h.role = options_.role;
+  h.worker_index = options_.worker_index;
+  h.num_workers = options_.num_workers;
+  h.num_shards = static_cast<int32_t>(options_.ps_endpoints.size());
+  h.staleness = options_.expected_staleness;
+  return h;
+}
+
+void Client::Impl::OnConnectionLost(int shard) {
+  Link& link = links_[static_cast<size_t>(shard)];
+  const std::string who = "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] + ")";
+  if (!link.lost) {
+    link.lost = true;
+    link.gave_up = false;
+    link.lost_since = Clock::now();
+    DV_LOG(kWarning) << who << " unavailable: connection lost; reconnecting (backoff up to "
+                     << options_.reconnect_backoff_max.count() << " ms) for up to "
+                     << options_.retry_timeout.count() / 1000 << " s (retry timeout)";
+  }
+  // Whatever was sent on the old connection may be lost: everything not
+  // answered goes again once the new one is greeted.
+  for (auto& [id, p] : pending_)
+    if (p.shard == shard) p.sent = false;
+  // A new socket: a fresh connection (and shared-memory handshake) to
+  // whatever process serves the endpoint now.
+  Status opened = OpenShard(static_cast<size_t>(shard));
+  if (!opened.ok()) {
+    DV_LOG(kError) << who << ": cannot rebuild the connection: " << opened;
+    link.gave_up = true;
+    FailPending(shard, UnavailableError(who + ": cannot rebuild the connection: " +
+                                        opened.message()));
+    return;
+  }
+  Request r = NewRequest();
+  r.body = MakeHello();
+  link.rejoin_id = r.request_id;
+  transport::OutMessage out;
+  out.push_back(Payload::Copy(protocol::EncodeRequest(r)));
+  // Queued by ZeroMQ until the connection is up.
+  sockets_[static_cast<size_t>(shard)]->Send(std::move(out), std::chrono::milliseconds(0))
+      .IgnoreError();
+  last_send_[static_cast<size_t>(shard)] = Clock::now();
+}
+
+bool Client::Impl::ShardHoldsVariables(int shard) const {
+  std::lock_guard<std::mutex> lock(vars_mu_);
+  for (const auto& [name, info] : vars_)
+    if (info.placement.SliceOnShard(shard) != nullptr) return true;
+  return false;
+}
+
+void Client::Impl::OnRejoined(int shard, const Reply& reply) {
+  Link& link = links_[static_cast<size_t>(shard)];
+  const std::string who = "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] + ")";
+  link.rejoin_id = 0;
+  link.lost = false;
+  link.gave_up = false;
+  const auto* hr = std::get_if<protocol::HelloReply>(&reply.body);
+  if (reply.code != StatusCode::kOk || hr == nullptr) {
+    const Status s = reply.code != StatusCode::kOk
+                         ? Status(reply.code, who + " refused the hello after reconnecting: " +
+                                                  reply.message)
+                         : InternalError(who + ": hello reply without body");
+    DV_LOG(kError) << s;
+    FailPending(shard, s);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    stats_.reconnects += 1;
+    min_clocks_[static_cast<size_t>(shard)] = reply.min_clock;
+  }
+  const bool restarted = link.incarnation != 0 && hr->incarnation != link.incarnation;
+  link.incarnation = hr->incarnation;
+  const auto down = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() -
+                                                                         link.lost_since);
+  if (restarted && hr->num_variables == 0 && ShardHoldsVariables(shard)) {
+    const Status s = FailedPreconditionError(
+        who + " restarted without its variables (start it with --restore latest and its "
+              "--checkpoint-dir to continue the job)");
+    DV_LOG(kError) << s;
+    FailPending(shard, s);
+    return;
+  }
+  const int64_t mine = owner_->clock();
+  if (restarted && options_.role == protocol::Role::kWorker && hr->clock < mine) {
+    const std::string why = who + " restarted from its checkpoint at clock " +
+                            std::to_string(hr->clock) + "; this worker was at clock " +
+                            std::to_string(mine) + ": roll back to clock " +
+                            std::to_string(hr->clock);
+    DV_LOG(kWarning) << why << " (down for " << down.count() << " ms)";
+    {
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      stats_.rollbacks += 1;
+      rollback_reason_ = why;
+    }
+    rollback_clock_.store(hr->clock);
+    FailPending(-1, AbortedError(why));
+    return;
+  }
+  size_t waiting = 0;
+  for (const auto& [id, p] : pending_) waiting += p.shard == shard ? 1 : 0;
+  DV_LOG(kWarning) << who << " is back after " << down.count() << " ms"
+                   << (restarted ? " (a new process, at clock " + std::to_string(hr->clock) + ")"
+                                 : std::string())
+                   << "; resending " << waiting << " request(s)";
+  Resend(shard);
+}
+
+void Client::Impl::Resend(int shard) {
+  std::vector<uint64_t> ids;
+  for (const auto& [id, p] : pending_)
+    if (p.shard == shard && !p.sent) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  for (uint64_t id : ids) {
+    auto it = pending_.find(id);
+    Pending& p = it->second;
+    bool abandoned;
+    {
+      std::lock_guard<std::mutex> lock(p.state->mu);
+      abandoned = p.state->abandoned;
+    }
+    if (abandoned) {
+      // Its waiter left: the caller's buffers may be reused already.
+      Pending gone = std::move(p);
+      pending_.erase(it);
+      outstanding_.fetch_sub(1);
+      CompleteOne(gone, CancelledError("abandoned"));
+      continue;
+    }
+    transport::OutMessage out;
+    out.reserve(1 + p.frames.size());
+    out.push_back(Payload::Copy(std::span<const std::byte>(p.header)));
+    for (const Payload& f : p.frames) out.push_back(f.Duplicate());
+    Status s = sockets_[static_cast<size_t>(shard)]->Send(std::move(out), std::chrono::milliseconds(0));
+    if (!s.ok()) {
+      Pending failed = std::move(p);
+      pending_.erase(it);
+      outstanding_.fetch_sub(1);
+      CompleteOne(failed, UnavailableError("shard " + std::to_string(shard) + " (" +
+                                           options_.ps_endpoints[shard] + "): " + s.message()));
+      continue;
+    }
+    p.sent = true;
+  }
+  last_send_[static_cast<size_t>(shard)] = Clock::now();
+}
+
+void Client::Impl::FailPending(int shard, const Status& status) {
+  std::vector<uint64_t> ids;
+  for (const auto& [id, p] : pending_)
+    if (shard < 0 || p.shard == shard) ids.push_back(id);
+  for (uint64_t id : ids) {
+    auto it = pending_.find(id);
+    Pending p = std::move(it->second);
+    pending_.erase(it);
+    outstanding_.fetch_sub(1);
+    CompleteOne(p, status);
+  }
+}
+
+void Client::Impl::CheckRetryDeadlines() {
+  const auto now = Clock::now();
+  for (size_t i = 0; i < links_.size(); ++i) {
+    Link& link = links_[i];
+    if (!link.lost || link.gave_up || now - link.lost_since < options_.retry_timeout) continue;
+    link.gave_up = true;
+    const Status s = UnavailableError(
+        "shard " + std::to_string(i) + " (" + options_.ps_endpoints[i] +
+        "): connection lost and not back within the retry timeout of " +
+        std::to_string(options_.retry_timeout.count()) + " ms");
+    DV_LOG(kError) << s;
+    FailPending(static_cast<int>(i), s);
+  }
 }
 
 void Client::Impl::Run() {
@@ -573,7 +873,7 @@ void Client::Impl::Run() {
   std::lock_guard<std::mutex> queue_lock(queue_mu_);
   for (auto& cmd : queue_)
     for (auto& m : cmd.messages) {
-      Pending p{m.shard, nullptr, cmd.state, false};
+      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true};
       CompleteOne(p, CancelledError("client shut down"));
     }
   queue_.clear();
@@ -629,17 +929,14 @@ StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) 
     Impl::Outgoing m;
     m.shard = s;
     m.request = client->impl_->NewRequest();
-    protocol::Hello h;
-    h.role = options.role;
-    h.worker_index = options.worker_index;
-    h.num_workers = options.num_workers;
-    h.num_shards = n;
-    h.staleness = options.expected_staleness;
-    m.request.body = h;
-    m.on_reply = [replies, s](const Reply& r, const InMessage&) -> Status {
+    m.request.body = client->impl_->MakeHello();
+    Impl* impl = client->impl_.get();
+    m.on_reply = [replies, s, impl](const Reply& r, const InMessage&) -> Status {
       auto* hr = std::get_if<protocol::HelloReply>(&r.body);
       if (!hr) return InternalError("hello reply without body");
       (*replies)[s] = *hr;
+      // On the lease holder: the process a lost connection must find again.
+      impl->SetIncarnation(s, hr->incarnation);
       return OkStatus();
     };
     msgs.push_back(std::move(m));
@@ -684,6 +981,8 @@ StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) 
   if (options.role == protocol::Role::kWorker) client->set_clock(join_clock);
   return client;
 }
+
+int64_t Client::AcceptRollback() { return impl_->AcceptRollback(); }
 
 int Client::num_shards() const { return static_cast<int>(options_.ps_endpoints.size()); }
 

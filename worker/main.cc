@@ -190,6 +190,16 @@ int main(int argc, char** argv) {
   app.add_option("--rendezvous-timeout", rendezvous_timeout_s,
                  "seconds to wait for every server to publish its endpoint")
       ->capture_default_str();
+  double retry_timeout_s = 60, request_timeout_s = 120;
+  app.add_option("--retry-timeout", retry_timeout_s,
+                 "seconds to keep reconnecting to a parameter server whose connection dropped "
+                 "(capped exponential backoff); requests wait and are resent once it is back "
+                 "(a server restarted with --restore rolls the job back to its checkpoint)")
+      ->capture_default_str();
+  app.add_option("--request-timeout", request_timeout_s,
+                 "seconds a pull or push may wait for its reply (BSP waits for the slowest "
+                 "worker; a hit is DeadlineExceeded naming the server)")
+      ->capture_default_str();
   std::string curve_secret, server_key;
   app.add_option("--curve-secret", curve_secret,
                  "CURVE: this worker's key pair (NAME.key_secret from distval-keygen); needs "
@@ -284,6 +294,11 @@ int main(int argc, char** argv) {
     if (!s.ok()) return Fail(kUsageError, s.message());
   }
   ConfigureLogging({*level, "worker:" + std::to_string(wo.worker_index), log_format == "json"});
+  if (!(retry_timeout_s >= 0) || !(request_timeout_s > 0))
+    return Fail(kUsageError, "--retry-timeout must be >= 0 and --request-timeout > 0");
+  wo.client.retry_timeout = std::chrono::milliseconds(static_cast<int64_t>(retry_timeout_s * 1000));
+  wo.client.request_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(request_timeout_s * 1000));
   auto curve = ReadCurveClientKeys(curve_secret, server_key);
   if (!curve.ok()) return Fail(kUsageError, curve.status().message());
   if (*curve) {

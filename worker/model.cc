@@ -8,6 +8,7 @@
 #include <iomanip>
 #include <iostream>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <utility>
@@ -358,18 +359,41 @@ StatusOr<History> Model::Fit(const DistributedDataset& dataset, const FitOptions
     double loss = 0;
     int64_t rows = 0;
   };
-  for (int epoch = options.initial_epoch; epoch < options.epochs && !stop_training_; ++epoch) {
+  // Where in the data each clock is: step s of epoch e is global step
+  // e * steps_per_epoch + s, and global step g runs at clock g + offset.
+  // resume_at_job_clock: the job's clock is the global step (a worker that
+  // joins a running job, or restarts, continues its data order).
+  const int64_t epoch_steps =
+      options.steps_per_epoch > 0 ? options.steps_per_epoch : dataset.steps_per_epoch();
+  int first_epoch = options.initial_epoch;
+  int64_t first_step = 0;  // of the first epoch run
+  int64_t clock_offset = strategy_->clock() - int64_t{options.initial_epoch} * epoch_steps;
+  if (options.resume_at_job_clock && epoch_steps > 0) {
+    clock_offset = 0;
+    first_epoch = static_cast<int>(strategy_->clock() / epoch_steps);
+    first_step = strategy_->clock() % epoch_steps;
+    if (first_epoch >= options.epochs) {
+      out << "the job is at clock " << strategy_->clock() << ", past its " << options.epochs
+          << " epoch(s) of " << epoch_steps << " steps: nothing left to train" << std::endl;
+    } else if (strategy_->clock() > 0) {
+      out << "joining the job at clock " << strategy_->clock() << ": epoch " << first_epoch
+          << ", step " << first_step << std::endl;
+    }
+  }
+  for (int epoch = first_epoch; epoch < options.epochs && !stop_training_; ++epoch) {
     for (Callback* cb : options.callbacks) DV_RETURN_IF_ERROR(cb->OnEpochBegin(*this, epoch));
     DV_RETURN_IF_ERROR(ResetMetrics(train_metrics_));
     const EpochPlan plan = dataset.PlanEpoch(epoch);
     const int64_t steps = options.steps_per_epoch > 0 ? options.steps_per_epoch : plan.num_steps();
+    // Set when the parameter servers rolled the job back to another epoch.
+    std::optional<int64_t> rolled_back_to;
     std::optional<internal::ProgressBar> bar;
     if (options.verbose != Verbosity::kSilent)
       bar.emplace(out, interactive, options.verbose == Verbosity::kProgressBar, epoch,
                   options.epochs, steps);
     const auto epoch_start = Clock::now();
     int64_t epoch_examples = 0, done = 0;
-    for (int64_t step = 0; step < steps; ++step) {
+    for (int64_t step = first_step; step < steps; ++step) {
       auto step_fn = [&](ReplicaContext& ctx) -> StatusOr<StepOut> {
         const int r = ctx.local_replica_id();
         ReplicaState& st = *replicas_[static_cast<size_t>(r)];
@@ -409,7 +433,26 @@ StatusOr<History> Model::Fit(const DistributedDataset& dataset, const FitOptions
         }
         return o;
       };
-      DV_ASSIGN_OR_RETURN(PerReplica<StepOut> outs, strategy_->Run(step_fn));
+      StatusOr<PerReplica<StepOut>> ran = strategy_->Run(step_fn);
+      if (!ran.ok() && ran.status().code() == StatusCode::kAborted) {
+        // A parameter server restarted from a checkpoint behind this
+        // worker: redo the steps after it (pulling the restored values).
+        const int64_t clock = strategy_->AcceptRollback();
+        const int64_t global = clock - clock_offset;
+        if (global < 0 || epoch_steps <= 0)
+          return ran.status().WithContext("rolled back to clock " + Num(clock) +
+                                          ", before this Fit began");
+        out << "parameter servers rolled back to clock " << clock << " (" << ran.status()
+            << "): redoing from epoch " << global / epoch_steps << ", step " << global % epoch_steps
+            << std::endl;
+        if (global / epoch_steps == epoch) {
+          step = global % epoch_steps - 1;  // the loop's ++step lands on it
+          continue;
+        }
+        rolled_back_to = global;
+        break;
+      }
+      DV_ASSIGN_OR_RETURN(PerReplica<StepOut> outs, std::move(ran));
       double loss_sum = 0;
       int64_t rows = 0;
       for (const StepOut& o : outs) {
@@ -442,6 +485,13 @@ StatusOr<History> Model::Fit(const DistributedDataset& dataset, const FitOptions
         bar->Update(done, values, s > 0 ? static_cast<double>(epoch_examples) / s : 0.0);
       }
       if (stop_training_) break;
+    }
+    first_step = 0;
+    if (rolled_back_to.has_value()) {
+      // Begin the epoch it landed in again (this one did not end).
+      epoch = static_cast<int>(*rolled_back_to / epoch_steps) - 1;
+      first_step = *rolled_back_to % epoch_steps;
+      continue;
     }
     EpochLogs logs;
     logs.epoch = epoch;

@@ -369,6 +369,12 @@ StatusOr<MirroredModel*> ParameterServerStrategy::CreateModel(const Sequential& 
 
 // ---- Pull and mirror -------------------------------------------------------
 
+int64_t ParameterServerStrategy::AcceptRollback() {
+  prefetch_.reset();
+  mirror_stale_ = true;
+  return store_->AcceptRollback();
+}
+
 Status ParameterServerStrategy::PullIfStale() {
   if (variables_.empty()) return OkStatus();
   if (!mirror_stale_ && mirrored_clock_ == store_->clock()) return OkStatus();

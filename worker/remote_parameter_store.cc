@@ -80,6 +80,7 @@ class RemoteParameterStore final : public ParameterStore {
   }
 
   int64_t clock() const override { return client_->clock(); }
+  int64_t AcceptRollback() override { return client_->AcceptRollback(); }
   int64_t min_clock() const override { return client_->last_min_clock(); }
   Client* client() override { return client_.get(); }
 

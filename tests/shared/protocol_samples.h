@@ -156,7 +156,7 @@ inline std::vector<SampleReply> SampleReplies() {
   add("reply_ok", StatusCode::kOk, "", NoBody{});
   add("reply_error", StatusCode::kInvalidArgument,
       "push.updates[0].values: shape [3,4] differs from the variable's [3,5]", NoBody{});
-  add("reply_hello", StatusCode::kOk, "", HelloReply{kProtocolVersion, 1, 2, 4, 0, 17});
+  add("reply_hello", StatusCode::kOk, "", HelloReply{kProtocolVersion, 1, 2, 4, 0, 17, 0x9e3779b97f4a7c15ULL, 3, 12});
   {
     std::vector<size_t> sizes;
     PullReply pull;

@@ -225,6 +225,13 @@ struct HelloReply {
   int32_t num_workers = 0;
   int32_t staleness = 0;
   int64_t clock = 0;
+  // Random non-zero id of the server process: a client that sees it change
+  // knows the shard restarted (and lost what it had not checkpointed).
+  uint64_t incarnation = 0;
+  // Variables the shard holds.
+  int32_t num_variables = 0;
+  // Clock of the checkpoint the process restored at start (-1: none).
+  int64_t restored_clock = -1;
   friend bool operator==(const HelloReply&, const HelloReply&) = default;
 };
 struct PullReply {

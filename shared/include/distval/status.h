@@ -84,6 +84,7 @@ Status AlreadyExistsError(std::string message);
 Status PermissionDeniedError(std::string message);
 Status ResourceExhaustedError(std::string message);
 Status FailedPreconditionError(std::string message);
+Status AbortedError(std::string message);
 Status OutOfRangeError(std::string message);
 Status UnimplementedError(std::string message);
 Status InternalError(std::string message);

@@ -109,6 +109,9 @@ class Payload {
 
   size_t size() const { return size_; }
   const std::byte* data() const { return data_; }
+  // Another payload over the same bytes, to send the frame again: a Borrow
+  // shares the owner (released once both are done), a Copy is copied.
+  Payload Duplicate() const;
 
   Payload(Payload&&) noexcept = default;
   Payload& operator=(Payload&&) noexcept = default;
@@ -258,6 +261,21 @@ struct SocketOptions {
   bool router_mandatory = false;
   // TCP keepalive, so that a silently dead peer is noticed by the OS.
   bool tcp_keepalive = true;
+  // Reconnection of connect()ed endpoints after a refused or lost connection
+  // (ZMQ_RECONNECT_IVL / ZMQ_RECONNECT_IVL_MAX, milliseconds): the first
+  // retry after reconnect_ivl_ms, each next one after twice the previous
+  // wait, capped at reconnect_ivl_max_ms (0: no backoff, always
+  // reconnect_ivl_ms).
+  int reconnect_ivl_ms = 100;
+  int reconnect_ivl_max_ms = 0;
+  // ZMTP heartbeats (ZMQ_HEARTBEAT_IVL / ZMQ_HEARTBEAT_TIMEOUT, milliseconds;
+  // 0: off): a PING every heartbeat_ivl_ms, answered by the peer's ZeroMQ
+  // I/O thread (not by its application thread); a connection with no
+  // traffic for heartbeat_timeout_ms is closed, which a connection monitor
+  // (WatchConnections) reports as kDisconnected. Catches a peer whose host
+  // died or whose network vanished without a TCP reset.
+  int heartbeat_ivl_ms = 0;
+  int heartbeat_timeout_ms = 0;
   // Co-located peers: tensor bytes through POSIX shared memory, ZeroMQ
   // carrying only the small frames and a reference. DEALER: on Connect to a
   // local endpoint (IsLocalEndpoint) the socket offers it to the peer; it is
@@ -385,6 +403,26 @@ class Socket {
   SocketType type_;
   std::unique_ptr<internal::SocketShm> shm_;  // null unless shared_memory is on
 };
+
+// Connection events of a socket, from a ZeroMQ socket monitor.
+enum class ConnectionEvent {
+  kConnected,     // a connection to a peer is up (ZMTP handshake done)
+  kDisconnected,  // a connection closed (peer gone, reset, heartbeat timeout)
+  kOther,
+};
+struct ConnectionEventInfo {
+  ConnectionEvent event = ConnectionEvent::kOther;
+  std::string endpoint;
+};
+
+// Starts a monitor of `socket`'s connections and returns the PAIR socket on
+// which its events arrive (poll it with the others, then ReadConnectionEvent).
+// Destroy the monitor socket before `socket`. Internal when ZeroMQ refuses
+// the monitor.
+StatusOr<std::unique_ptr<Socket>> WatchConnections(Context& context, Socket& socket);
+// The next event waiting on a WatchConnections socket, without blocking;
+// DeadlineExceeded when there is none.
+StatusOr<ConnectionEventInfo> ReadConnectionEvent(Socket& monitor);
 
 // Waits until one of `sockets` is readable (a whole message can be received
 // without blocking) or `timeout` passes (nullopt: forever; zero: check once).

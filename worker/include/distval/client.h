@@ -80,6 +80,23 @@ struct ClientOptions {
   std::string curve_public_key;
   std::string curve_secret_key;
   std::string curve_server_key;
+  // Lost connections. A shard whose connection drops (its process died, or
+  // its host or network went away: ZeroMQ heartbeats every
+  // heartbeat_interval notice a silent one after connection_timeout) is
+  // reconnected with capped exponential backoff (100 ms doubling up to
+  // reconnect_backoff_max between attempts). Requests to it wait, and once
+  // it answers a new hello they are resent with their original request ids
+  // (a server acknowledges a push it already applied without applying it
+  // again). When it is not back within retry_timeout they fail with
+  // Unavailable naming the shard, and so do new requests to it until it is.
+  // A shard that comes back as a new process restored from a checkpoint
+  // behind this worker's clock fails every request in flight with Aborted,
+  // and every new one until AcceptRollback() (see there); one that comes
+  // back without its variables (restarted without --restore) fails them
+  // with FailedPrecondition.
+  std::chrono::milliseconds retry_timeout{60000};
+  std::chrono::milliseconds reconnect_backoff_max{2000};
+  std::chrono::milliseconds connection_timeout{10000};
   // Sees every request and reply (metrics, timelines); null: none.
   // Borrowed: must outlive the client. Called on the I/O thread.
   ClientObserver* observer = nullptr;
@@ -169,6 +186,10 @@ struct ClientStats {
   // bytes that moved through it (both directions) instead of ZeroMQ.
   int shared_memory_shards = 0;
   int64_t shared_memory_bytes = 0;
+  // Lost connections that came back (a hello answered again), and restarts
+  // of a shard from a checkpoint behind this worker's clock.
+  int64_t reconnects = 0;
+  int64_t rollbacks = 0;
 };
 
 class Client {
@@ -226,6 +247,14 @@ class Client {
   // Sets the clock (used when a worker rejoins: Connect sets it to the
   // clock the shards report).
   void set_clock(int64_t clock) { clock_.store(clock); }
+  // After an Aborted request (a shard restarted from a checkpoint whose
+  // clock is behind this worker's): sets the clock to the checkpoint's and
+  // returns it. The gradients of the steps after it are lost; the caller
+  // redoes them from there, pulling first (in BSP every worker rolls back to
+  // the same clock, so with the data order a function of the step, the run
+  // ends where an uninterrupted one would). Requests fail with Aborted until
+  // this is called. Without a pending rollback, returns clock().
+  int64_t AcceptRollback();
 
   // Waits until every live worker reached the same named barrier.
   Status Barrier(const std::string& name);

@@ -210,6 +210,15 @@ struct FitOptions {
   // Examples (global_batch_size is the strategy's when it has one).
   InputOptions input;
   Verbosity verbose = Verbosity::kProgressBar;
+  // Start where the job is: at the strategy's clock (the parameter servers'
+  // clock when this worker joined), read as a global step: epoch clock /
+  // steps per epoch, step clock % steps per epoch (initial_epoch ignored).
+  // A worker that joins a running job, or is restarted, then continues the
+  // job's data order. Off: start at initial_epoch, step 0, whatever the
+  // clock. Either way, when a parameter server restarts from a checkpoint
+  // behind this worker (Aborted), Fit moves back to the checkpoint's clock
+  // and redoes the steps from there.
+  bool resume_at_job_clock = false;
   // Where the progress goes; null: std::cout.
   std::ostream* out = nullptr;
   // \r redraws; unset: when `out` is std::cout and stdout is a terminal.

@@ -287,6 +287,13 @@ class ParameterServerStrategy {
   const StrategyStats& stats() const { return stats_; }
   // The worker's clock (steps completed).
   int64_t clock() const { return store_->clock(); }
+  // After a step failed with Aborted (a parameter server restarted from a
+  // checkpoint behind this worker's clock; the status says which and where):
+  // drops the mirrored values and any prefetched pull, moves the clock back
+  // to the checkpoint's and returns it. The caller redoes its steps from
+  // there (the next Run pulls the restored parameters first); Model::Fit
+  // does so itself.
+  int64_t AcceptRollback();
   ParameterStore& store() { return *store_; }
   // The connected client when the store is remote, else null.
   Client* client() { return store_->client(); }

@@ -72,6 +72,11 @@ class ParameterStore {
   // The smallest live worker clock the servers reported on their latest
   // replies (this worker's own clock for a local store).
   virtual int64_t min_clock() const = 0;
+  // After a request failed with Aborted (a parameter server restarted from a
+  // checkpoint behind this worker's clock, Client::AcceptRollback): moves
+  // the clock back to the checkpoint's and returns it. Stores that never
+  // roll back return clock().
+  virtual int64_t AcceptRollback() { return clock(); }
 
   // Sets the learning rate of every variable's optimizer (the servers'
   // SetLearningRate without a variable name: every variable they hold,
