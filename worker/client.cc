@@ -154,9 +154,14 @@ class Client::Impl {
   }
   int64_t AcceptRollback() {
     const int64_t c = rollback_clock_.exchange(-1);
-    if (c >= 0) owner_->set_clock(c);
+    if (c >= 0) {
+      owner_->set_clock(c);
+      acked_clock_.store(c);
+    }
     return owner_->clock();
   }
+  // The clock the shards acknowledged for this worker (the steps they have).
+  std::atomic<int64_t> acked_clock_{0};
   Request NewRequest() {
     Request r;
     r.request_id = NextId();
@@ -202,6 +207,9 @@ class Client::Impl {
     std::vector<std::byte> header;
     std::vector<Payload> frames;
     bool sent = true;  // false while its shard's connection is being rebuilt
+    // A push that advances the clock (or an AdvanceClock): the clock this
+    // worker has on the shard once it is acknowledged; -1 otherwise.
+    int64_t advances_to = -1;
   };
   // The connection to one shard, as the lease holder sees it.
   struct Link {
@@ -470,12 +478,16 @@ void Client::Impl::SendCommand(Command& cmd) {
     Outgoing& m = cmd.messages[i];
     transport::OutMessage out;
     out.reserve(1 + m.payloads.size());
-    out.push_back(Payload::Copy(std::move(cmd.headers[i])));
+    out.push_back(Payload::Copy(std::span<const std::byte>(cmd.headers[i])));
     for (auto& p : m.payloads) out.push_back(std::move(p));
     uint64_t id = m.request.request_id;
     bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
-    Pending pending{m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true};
-    pending.header = cmd.headers[i];
+    Pending pending{m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true, -1};
+    if (const auto* push = std::get_if<protocol::Push>(&m.request.body);
+        (push != nullptr && push->advance_clock) ||
+        std::holds_alternative<protocol::AdvanceClock>(m.request.body))
+      pending.advances_to = m.request.clock + 1;
+    pending.header = std::move(cmd.headers[i]);
     pending.frames.reserve(m.payloads.size());
     for (const Payload& p : m.payloads) pending.frames.push_back(p.Duplicate());
     const Link& link = links_[static_cast<size_t>(m.shard)];
@@ -521,7 +533,7 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
     return;
   }
   if (options_.observer) options_.observer->OnReply(shard, *reply, msg);
-  if (reply->request_id == links_[static_cast<size_t>(shard)].rejoin_id) {
+  if (reply->request_id != 0 && reply->request_id == links_[static_cast<size_t>(shard)].rejoin_id) {
     OnRejoined(shard, *reply);
     return;
   }
@@ -536,6 +548,8 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
   pending_.erase(it);
   outstanding_.fetch_sub(1);
   RecordReply(shard, *reply, p.is_pull);
+  if (reply->code == StatusCode::kOk && p.advances_to > acked_clock_.load())
+    acked_clock_.store(p.advances_to);
   Status s = OkStatus();
   {
     std::lock_guard<std::mutex> lock(p.state->mu);
@@ -733,7 +747,9 @@ void Client::Impl::OnRejoined(int shard, const Reply& reply) {
     FailPending(shard, s);
     return;
   }
-  const int64_t mine = owner_->clock();
+  // What the shard must still have: the steps it acknowledged. Requests not
+  // yet answered are resent, so a shard back at that clock loses nothing.
+  const int64_t mine = acked_clock_.load();
   if (restarted && options_.role == protocol::Role::kWorker && hr->clock < mine) {
     const std::string why = who + " restarted from its checkpoint at clock " +
                             std::to_string(hr->clock) + "; this worker was at clock " +
@@ -873,7 +889,7 @@ void Client::Impl::Run() {
   std::lock_guard<std::mutex> queue_lock(queue_mu_);
   for (auto& cmd : queue_)
     for (auto& m : cmd.messages) {
-      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true};
+      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true, -1};
       CompleteOne(p, CancelledError("client shut down"));
     }
   queue_.clear();
@@ -978,7 +994,10 @@ StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) 
                                      std::to_string(n));
     join_clock = std::max(join_clock, r.clock);
   }
-  if (options.role == protocol::Role::kWorker) client->set_clock(join_clock);
+  if (options.role == protocol::Role::kWorker) {
+    client->set_clock(join_clock);
+    client->impl_->acked_clock_.store(join_clock);
+  }
   return client;
 }
 

@@ -19,79 +19,102 @@ std::string BinaryFromEnv(const char* name) {
   return v ? std::string(v) : std::string();
 }
 
+StatusOr<pid_t> LocalCluster::Spawn(int i, const std::string& bind,
+                                    const std::vector<std::string>& more_args) {
+  const LocalClusterOptions& options = options_;
+  std::vector<std::string> args = {bin_,
+                                   "--bind",
+                                   bind,
+                                   "--port-file",
+                                   dir_ + "/ps-" + std::to_string(i) + ".endpoint",
+                                   "--shard-index",
+                                   std::to_string(i),
+                                   "--num-shards",
+                                   std::to_string(options.num_shards),
+                                   "--num-workers",
+                                   std::to_string(options.num_workers),
+                                   "--staleness",
+                                   options.staleness,
+                                   "--worker-timeout",
+                                   std::to_string(options.worker_timeout_s)};
+  args.insert(args.end(), options.extra_args.begin(), options.extra_args.end());
+  if (static_cast<size_t>(i) < options.per_shard_args.size())
+    args.insert(args.end(), options.per_shard_args[i].begin(), options.per_shard_args[i].end());
+  args.insert(args.end(), more_args.begin(), more_args.end());
+  std::string log = LogPath(i);
+  pid_t pid = fork();
+  if (pid < 0) return InternalError("fork failed");
+  if (pid == 0) {
+    // A restarted shard appends to its log.
+    int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+      dup2(fd, 1);
+      dup2(fd, 2);
+    }
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+Status LocalCluster::WaitForEndpoint(int i, std::chrono::steady_clock::time_point deadline) {
+  std::string path = dir_ + "/ps-" + std::to_string(i) + ".endpoint";
+  for (;;) {
+    std::ifstream f(path);
+    std::string line;
+    if (f && std::getline(f, line) && !line.empty()) {
+      endpoints_[i] = line;
+      return OkStatus();
+    }
+    int status;
+    if (waitpid(pids_[i], &status, WNOHANG) == pids_[i]) {
+      pids_[i] = -1;
+      std::ifstream l(LogPath(i));
+      std::stringstream ss;
+      ss << l.rdbuf();
+      return InternalError("distval-ps " + std::to_string(i) + " exited at start: " + ss.str());
+    }
+    if (std::chrono::steady_clock::now() > deadline)
+      return DeadlineExceededError("distval-ps " + std::to_string(i) +
+                                   " did not report its endpoint");
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
 StatusOr<LocalCluster> LocalCluster::Start(const LocalClusterOptions& options) {
-  std::string bin = BinaryFromEnv("DISTVAL_PS_BIN");
-  if (bin.empty()) return FailedPreconditionError("DISTVAL_PS_BIN is not set");
   LocalCluster c;
+  c.bin_ = BinaryFromEnv("DISTVAL_PS_BIN");
+  if (c.bin_.empty()) return FailedPreconditionError("DISTVAL_PS_BIN is not set");
+  c.options_ = options;
   char tmpl[] = "/tmp/distval-test-XXXXXX";
   if (!mkdtemp(tmpl)) return InternalError("mkdtemp failed");
   c.dir_ = tmpl;
   for (int i = 0; i < options.num_shards; ++i) {
-    std::vector<std::string> args = {bin,
-                                     "--bind",
-                                     "tcp://127.0.0.1:0",
-                                     "--port-file",
-                                     c.dir_ + "/ps-" + std::to_string(i) + ".endpoint",
-                                     "--shard-index",
-                                     std::to_string(i),
-                                     "--num-shards",
-                                     std::to_string(options.num_shards),
-                                     "--num-workers",
-                                     std::to_string(options.num_workers),
-                                     "--staleness",
-                                     options.staleness,
-                                     "--worker-timeout",
-                                     std::to_string(options.worker_timeout_s)};
-    args.insert(args.end(), options.extra_args.begin(), options.extra_args.end());
-    if (static_cast<size_t>(i) < options.per_shard_args.size())
-      args.insert(args.end(), options.per_shard_args[i].begin(), options.per_shard_args[i].end());
-    std::string log = c.LogPath(i);
-    pid_t pid = fork();
-    if (pid < 0) return InternalError("fork failed");
-    if (pid == 0) {
-      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-      }
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
+    ::unlink(c.LogPath(i).c_str());
+    DV_ASSIGN_OR_RETURN(pid_t pid, c.Spawn(i, "tcp://127.0.0.1:0", {}));
     c.pids_.push_back(pid);
   }
   c.endpoints_.assign(options.num_shards, "");
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  for (int i = 0; i < options.num_shards; ++i) {
-    std::string path = c.dir_ + "/ps-" + std::to_string(i) + ".endpoint";
-    while (c.endpoints_[i].empty()) {
-      std::ifstream f(path);
-      std::string line;
-      if (f && std::getline(f, line) && !line.empty()) {
-        c.endpoints_[i] = line;
-        break;
-      }
-      int status;
-      if (waitpid(c.pids_[i], &status, WNOHANG) == c.pids_[i]) {
-        c.pids_[i] = -1;
-        std::ifstream l(c.LogPath(i));
-        std::stringstream ss;
-        ss << l.rdbuf();
-        return InternalError("distval-ps " + std::to_string(i) + " exited at start: " + ss.str());
-      }
-      if (std::chrono::steady_clock::now() > deadline)
-        return DeadlineExceededError("distval-ps " + std::to_string(i) +
-                                     " did not report its endpoint");
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  }
+  for (int i = 0; i < options.num_shards; ++i) DV_RETURN_IF_ERROR(c.WaitForEndpoint(i, deadline));
   return c;
 }
 
+Status LocalCluster::Restart(int shard, const std::vector<std::string>& more_args) {
+  Kill(shard);
+  const std::string endpoint = endpoints_[shard];
+  ::unlink((dir_ + "/ps-" + std::to_string(shard) + ".endpoint").c_str());
+  DV_ASSIGN_OR_RETURN(pids_[shard], Spawn(shard, endpoint, more_args));
+  return WaitForEndpoint(shard, std::chrono::steady_clock::now() + std::chrono::seconds(20));
+}
+
 LocalCluster::LocalCluster(LocalCluster&& other) noexcept
-    : dir_(std::move(other.dir_)),
+    : options_(std::move(other.options_)),
+      bin_(std::move(other.bin_)),
+      dir_(std::move(other.dir_)),
       pids_(std::move(other.pids_)),
       endpoints_(std::move(other.endpoints_)) {
   other.pids_.clear();

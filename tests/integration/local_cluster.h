@@ -8,6 +8,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,10 @@ class LocalCluster {
   const std::vector<std::string>& endpoints() const { return endpoints_; }
   // Sends SIGKILL to shard i (for failure tests).
   void Kill(int shard);
+  // Kills shard i if it runs, then starts it again on the same endpoint
+  // with the same arguments plus `more_args` (e.g. --restore latest); its
+  // log goes on in the same file. Waits (up to 20 s) for it to serve.
+  Status Restart(int shard, const std::vector<std::string>& more_args);
   // Waits for every server to exit (after a shutdown request); true when all
   // exited with status 0 within the timeout.
   bool WaitExit(double timeout_s);
@@ -44,6 +49,11 @@ class LocalCluster {
 
  private:
   LocalCluster() = default;
+  StatusOr<pid_t> Spawn(int shard, const std::string& bind,
+                        const std::vector<std::string>& more_args);
+  Status WaitForEndpoint(int shard, std::chrono::steady_clock::time_point deadline);
+  LocalClusterOptions options_;
+  std::string bin_;
   std::string dir_;
   std::vector<pid_t> pids_;
   std::vector<std::string> endpoints_;

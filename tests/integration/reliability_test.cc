@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -17,7 +18,9 @@
 
 #include "child_process.h"
 #include "distval/client.h"
+#include "distval/dataset.h"
 #include "distval/protocol.h"
+#include "distval/safetensors.h"
 #include "distval/transport.h"
 #include "local_cluster.h"
 
@@ -434,6 +437,199 @@ TEST(ReliabilityTest, RetriedPushIsAppliedOnce) {
   EXPECT_EQ(value(), -3.0f);
   const std::string log = testing::ReadFile(cluster->LogPath(0));
   EXPECT_NE(log.find("push 77 from worker 0 is a retry"), std::string::npos) << log;
+}
+
+// The client side of a server restart, request by request: requests made
+// while the server is down wait and go through once it is back (a restart
+// at this worker's clock needs no rollback), a push is applied once, a
+// server that comes back empty is refused, and a server that stays away
+// fails the requests with Unavailable after the retry timeout.
+TEST(ReliabilityTest, ClientRidesOutAServerRestart) {
+  const std::string root = MakeTempDir();
+  LocalClusterOptions co;
+  co.staleness = "0";
+  co.extra_args = {"--checkpoint-dir", root};
+  auto cluster = LocalCluster::Start(co);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  ClientOptions o;
+  o.ps_endpoints = cluster->endpoints();
+  o.connect_timeout = std::chrono::milliseconds(20000);
+  o.request_timeout = std::chrono::milliseconds(30000);
+  o.heartbeat_interval = std::chrono::milliseconds(200);
+  o.retry_timeout = std::chrono::milliseconds(1500);
+  auto connected = Client::Connect(o);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  Client& client = **connected;
+  ASSERT_TRUE(client.CreateVariable("v", DType::kF32, Shape({8}), Sgd(1.0)).ok());
+  std::vector<float> g(8, 1.0f), v(8);
+  ASSERT_TRUE(client.Push({{"v", g}}, true).Wait().ok());
+  ASSERT_TRUE(client.Push({{"v", g}}, true).Wait().ok());
+  auto written = client.Checkpoint();
+  ASSERT_TRUE(written.ok()) << written.status();
+  ASSERT_EQ((*written)[0].clock, 2);
+
+  // 1. Down, then back from the checkpoint at this worker's clock: the push
+  // and pull made meanwhile complete, the push applied once.
+  cluster->Kill(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  RequestHandle push = client.Push({{"v", g}}, true);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_FALSE(push.Done());  // waiting for the server, not failed
+  ASSERT_TRUE(cluster->Restart(0, {"--restore", "latest"}).ok());
+  ASSERT_TRUE(push.Wait().ok());
+  ASSERT_TRUE(client.Pull({{"v", v}}).Wait().ok());
+  EXPECT_EQ(v, std::vector<float>(8, -3.0f));
+  EXPECT_EQ(client.clock(), 3);
+  EXPECT_EQ(client.stats().reconnects, 1);
+  EXPECT_EQ(client.stats().rollbacks, 0);
+
+  // 2. Back as an empty server (no --restore): refused, not trained on.
+  cluster->Kill(0);
+  ASSERT_TRUE(cluster->Restart(0, {}).ok());
+  Status empty = client.Pull({{"v", v}}).Wait();
+  EXPECT_EQ(empty.code(), StatusCode::kFailedPrecondition) << empty;
+  EXPECT_NE(empty.message().find("restarted without its variables"), std::string::npos) << empty;
+
+  // 3. Gone for good: Unavailable after the retry timeout, naming the shard.
+  cluster->Kill(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  Status gone = client.Pull({{"v", v}}).Wait();
+  EXPECT_EQ(gone.code(), StatusCode::kUnavailable) << gone;
+  EXPECT_NE(gone.message().find(cluster->endpoints()[0]), std::string::npos) << gone;
+  EXPECT_NE(gone.message().find("retry timeout"), std::string::npos) << gone;
+  fs::remove_all(root);
+}
+
+// A parameter server killed with SIGKILL in the middle of a BSP job and
+// restarted with --restore latest: the workers see the connection drop,
+// reconnect with backoff, roll back to the checkpoint's clock and redo the
+// steps after it (the data order is a function of the step), so the job
+// ends with exactly the parameters of an uninterrupted run.
+TEST(ReliabilityTest, ServerKilledAndRestoredEndsLikeAnUninterruptedRun) {
+  if (!fs::exists(FashionMnistFiles(kDefaultFashionMnistDir, Split::kTrain).images))
+    GTEST_SKIP() << "Fashion-MNIST not installed";
+  const std::string worker_bin = testing::BinaryFromEnv("DISTVAL_WORKER_BIN");
+  ASSERT_FALSE(worker_bin.empty()) << "DISTVAL_WORKER_BIN is not set";
+  constexpr int kWorkers = 2;
+  constexpr int kClocks = 3 * 40;  // 3 epochs of 3840 examples, global batch 96
+  auto run = [&](const std::string& tag, bool kill_server) -> std::string {
+    const std::string dir = MakeTempDir();
+    LocalClusterOptions co;
+    co.num_workers = kWorkers;
+    co.staleness = "0";
+    co.extra_args = {"--checkpoint-dir", dir + "/ckpt", "--checkpoint-every", "8"};
+    auto cluster = LocalCluster::Start(co);
+    EXPECT_TRUE(cluster.ok()) << cluster.status();
+    if (!cluster.ok()) return "";
+    std::vector<testing::ChildProcess> workers;
+    for (int i = 0; i < kWorkers; ++i) {
+      std::vector<std::string> args = {worker_bin,
+                                       "--model",
+                                       "mlp",
+                                       "--train-limit",
+                                       "3840",
+                                       "--global-batch",
+                                       "96",
+                                       "--epochs",
+                                       "3",
+                                       "--optimizer",
+                                       "adam",
+                                       "--lr",
+                                       "0.001",
+                                       "--seed",
+                                       "7",
+                                       "--ps",
+                                       cluster->endpoints()[0],
+                                       "--worker-index",
+                                       std::to_string(i),
+                                       "--num-workers",
+                                       std::to_string(kWorkers),
+                                       "--staleness",
+                                       "0",
+                                       "--slowdown",
+                                       "4",
+                                       "--retry-timeout",
+                                       "60"};
+      if (i == 0) args.insert(args.end(), {"--save", dir + "/model"});
+      auto p = testing::ChildProcess::Start(args, dir + "/worker-" + std::to_string(i) + ".log");
+      EXPECT_TRUE(p.ok()) << p.status();
+      if (!p.ok()) return "";
+      workers.push_back(std::move(*p));
+    }
+    int64_t killed_after = -1;
+    if (kill_server) {
+      // Kill once a checkpoint past the first is written: well into the run,
+      // with steps after the checkpoint already applied.
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      while (!fs::exists(dir + "/ckpt/ckpt-000000000024") &&
+             std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      EXPECT_TRUE(fs::exists(dir + "/ckpt/ckpt-000000000024")) << "the job never got there";
+      cluster->Kill(0);
+      killed_after = 24;
+      // Down for a while: the workers keep retrying.
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      Status restarted = cluster->Restart(0, {"--restore", "latest"});
+      EXPECT_TRUE(restarted.ok()) << restarted;
+    }
+    for (int i = 0; i < kWorkers; ++i) {
+      testing::ProcessResult r = workers[static_cast<size_t>(i)].Wait(120);
+      EXPECT_FALSE(r.timed_out) << tag << " worker " << i << " timed out:\n" << r.output;
+      EXPECT_EQ(r.exit_code, 0) << tag << " worker " << i << ":\n" << r.output;
+      EXPECT_NE(r.output.find("done: "), std::string::npos) << r.output;
+      if (kill_server) {
+        // It lost the server, found it again and went back to the checkpoint.
+        EXPECT_NE(r.output.find("unavailable: connection lost"), std::string::npos) << r.output;
+        EXPECT_NE(r.output.find("parameter servers rolled back to clock"), std::string::npos)
+            << r.output;
+      }
+    }
+    if (kill_server) {
+      const std::string log = testing::ReadFile(cluster->LogPath(0));
+      EXPECT_NE(log.find("restored "), std::string::npos) << log;
+      EXPECT_GE(killed_after, 24);
+    }
+    // The servers' clock is the job's end: every step applied once.
+    auto control = Connect(*cluster, protocol::Role::kControl);
+    if (control != nullptr) {
+      auto stats = control->Stats();
+      EXPECT_TRUE(stats.ok()) << stats.status();
+      if (stats.ok()) {
+        for (const auto& w : (*stats)[0].workers) EXPECT_EQ(w.clock, kClocks) << tag;
+      }
+    }
+    return dir;
+  };
+  const std::string uninterrupted = run("uninterrupted", false);
+  const std::string restarted = run("restarted", true);
+  ASSERT_FALSE(uninterrupted.empty());
+  ASSERT_FALSE(restarted.empty());
+  auto a = ReadSafetensors(uninterrupted + "/model/variables.safetensors");
+  auto b = ReadSafetensors(restarted + "/model/variables.safetensors");
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(a->tensors.size(), b->tensors.size());
+  ASSERT_FALSE(a->tensors.empty());
+  size_t differing = 0;
+  for (size_t t = 0; t < a->tensors.size(); ++t) {
+    const Tensor& x = a->tensors[t].second;
+    const Tensor* y = b->Find(a->tensors[t].first);
+    ASSERT_NE(y, nullptr) << a->tensors[t].first;
+    ASSERT_EQ(x.num_elements(), y->num_elements());
+    const float* px = x.data_as<float>();
+    const float* py = y->data_as<float>();
+    for (int64_t i = 0; i < x.num_elements(); ++i) {
+      // BSP sums the workers' gradients in worker order on one thread per
+      // range: the same steps give the same bits; allow float rounding.
+      EXPECT_NEAR(px[i], py[i], 1e-6f + 1e-5f * std::fabs(px[i]))
+          << a->tensors[t].first << "[" << i << "]";
+      differing += px[i] != py[i] ? 1 : 0;
+    }
+  }
+  std::cout << "restarted run vs uninterrupted: " << differing << " parameters differ in their bits"
+            << std::endl;
+  fs::remove_all(uninterrupted);
+  fs::remove_all(restarted);
 }
 
 // Valid requests whose mutations the hostile-input test sends (worker id -1:
