@@ -172,12 +172,12 @@ class Client::Impl {
 
   // Variables (guarded by vars_mu_).
   mutable std::mutex vars_mu_;
-  std::map<std::string, VariableInfo> vars_;  // Guarded by vars_mu_.
+  std::map<std::string, VariableInfo> vars_;   // Guarded by vars_mu_.
   std::unique_ptr<PlacementPlanner> planner_;  // Guarded by vars_mu_.
 
   mutable std::mutex stats_mu_;
-  ClientStats stats_;                  // Guarded by stats_mu_.
-  std::vector<int64_t> min_clocks_;    // per shard; Guarded by stats_mu_.
+  ClientStats stats_;                // Guarded by stats_mu_.
+  std::vector<int64_t> min_clocks_;  // per shard; Guarded by stats_mu_.
 
   void RecordReply(int shard, const Reply& reply, bool is_pull) {
     std::lock_guard<std::mutex> lock(stats_mu_);
@@ -286,7 +286,7 @@ class Client::Impl {
   transport::SocketOptions socket_options_;
   std::vector<std::unique_ptr<transport::Socket>> sockets_;  // lease holder only after Start()
   std::vector<transport::Socket*> socket_ptrs_;
-  std::vector<Link> links_;                   // lease holder only after Start()
+  std::vector<Link> links_;                    // lease holder only after Start()
   std::vector<transport::Socket*> poll_ptrs_;  // sockets, then their monitors
   int wake_fd_ = -1;
   std::thread thread_;
@@ -335,8 +335,8 @@ Status Client::Impl::Start() {
     so.curve_server_key = options_.curve_server_key;
   }
   so.reconnect_ivl_ms = 100;
-  so.reconnect_ivl_max_ms = static_cast<int>(std::max<int64_t>(
-      options_.reconnect_backoff_max.count(), so.reconnect_ivl_ms));
+  so.reconnect_ivl_max_ms = static_cast<int>(
+      std::max<int64_t>(options_.reconnect_backoff_max.count(), so.reconnect_ivl_ms));
   so.heartbeat_ivl_ms = static_cast<int>(std::max<int64_t>(options_.heartbeat_interval.count(), 1));
   so.heartbeat_timeout_ms = static_cast<int>(options_.connection_timeout.count());
   sockets_.resize(options_.ps_endpoints.size());
@@ -528,8 +528,7 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
   for (size_t i = 1; i < msg.size(); ++i) sizes.push_back(msg[i].size());
   auto reply = protocol::DecodeReply(msg[0].bytes(), sizes);
   if (!reply.ok()) {
-    DV_LOG(kWarning) << "dropping malformed reply from shard " << shard << ": "
-                     << reply.status();
+    DV_LOG(kWarning) << "dropping malformed reply from shard " << shard << ": " << reply.status();
     return;
   }
   if (options_.observer) options_.observer->OnReply(shard, *reply, msg);
@@ -556,9 +555,8 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
     if (p.state->abandoned) {
       s = CancelledError("abandoned");
     } else if (reply->code != StatusCode::kOk) {
-      s = Status(reply->code,
-                 "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] +
-                     "): " + reply->message);
+      s = Status(reply->code, "shard " + std::to_string(shard) + " (" +
+                                  options_.ps_endpoints[shard] + "): " + reply->message);
     } else if (p.on_reply) {
       s = p.on_reply(*reply, msg);
     }
@@ -644,8 +642,8 @@ Status Client::Impl::OpenShard(size_t i) {
   // The monitor goes before its socket.
   links_[i].monitor.reset();
   sockets_[i].reset();
-  DV_ASSIGN_OR_RETURN(
-      auto sock, transport::Socket::Create(*context_, transport::SocketType::kDealer, socket_options_));
+  DV_ASSIGN_OR_RETURN(auto sock, transport::Socket::Create(
+                                     *context_, transport::SocketType::kDealer, socket_options_));
   DV_ASSIGN_OR_RETURN(links_[i].monitor, transport::WatchConnections(*context_, *sock));
   DV_RETURN_IF_ERROR(
       sock->Connect(options_.ps_endpoints[i]).WithContext("shard " + std::to_string(i)));
@@ -673,7 +671,8 @@ protocol::Hello Client::Impl::MakeHello() const {
 
 void Client::Impl::OnConnectionLost(int shard) {
   Link& link = links_[static_cast<size_t>(shard)];
-  const std::string who = "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] + ")";
+  const std::string who =
+      "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] + ")";
   if (!link.lost) {
     link.lost = true;
     link.gave_up = false;
@@ -692,8 +691,8 @@ void Client::Impl::OnConnectionLost(int shard) {
   if (!opened.ok()) {
     DV_LOG(kError) << who << ": cannot rebuild the connection: " << opened;
     link.gave_up = true;
-    FailPending(shard, UnavailableError(who + ": cannot rebuild the connection: " +
-                                        opened.message()));
+    FailPending(shard,
+                UnavailableError(who + ": cannot rebuild the connection: " + opened.message()));
     return;
   }
   Request r = NewRequest();
@@ -702,7 +701,8 @@ void Client::Impl::OnConnectionLost(int shard) {
   transport::OutMessage out;
   out.push_back(Payload::Copy(protocol::EncodeRequest(r)));
   // Queued by ZeroMQ until the connection is up.
-  sockets_[static_cast<size_t>(shard)]->Send(std::move(out), std::chrono::milliseconds(0))
+  sockets_[static_cast<size_t>(shard)]
+      ->Send(std::move(out), std::chrono::milliseconds(0))
       .IgnoreError();
   last_send_[static_cast<size_t>(shard)] = Clock::now();
 }
@@ -716,16 +716,17 @@ bool Client::Impl::ShardHoldsVariables(int shard) const {
 
 void Client::Impl::OnRejoined(int shard, const Reply& reply) {
   Link& link = links_[static_cast<size_t>(shard)];
-  const std::string who = "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] + ")";
+  const std::string who =
+      "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] + ")";
   link.rejoin_id = 0;
   link.lost = false;
   link.gave_up = false;
   const auto* hr = std::get_if<protocol::HelloReply>(&reply.body);
   if (reply.code != StatusCode::kOk || hr == nullptr) {
-    const Status s = reply.code != StatusCode::kOk
-                         ? Status(reply.code, who + " refused the hello after reconnecting: " +
-                                                  reply.message)
-                         : InternalError(who + ": hello reply without body");
+    const Status s =
+        reply.code != StatusCode::kOk
+            ? Status(reply.code, who + " refused the hello after reconnecting: " + reply.message)
+            : InternalError(who + ": hello reply without body");
     DV_LOG(kError) << s;
     FailPending(shard, s);
     return;
@@ -737,12 +738,13 @@ void Client::Impl::OnRejoined(int shard, const Reply& reply) {
   }
   const bool restarted = link.incarnation != 0 && hr->incarnation != link.incarnation;
   link.incarnation = hr->incarnation;
-  const auto down = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() -
-                                                                         link.lost_since);
+  const auto down =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - link.lost_since);
   if (restarted && hr->num_variables == 0 && ShardHoldsVariables(shard)) {
     const Status s = FailedPreconditionError(
-        who + " restarted without its variables (start it with --restore latest and its "
-              "--checkpoint-dir to continue the job)");
+        who +
+        " restarted without its variables (start it with --restore latest and its "
+        "--checkpoint-dir to continue the job)");
     DV_LOG(kError) << s;
     FailPending(shard, s);
     return;
@@ -799,7 +801,8 @@ void Client::Impl::Resend(int shard) {
     out.reserve(1 + p.frames.size());
     out.push_back(Payload::Copy(std::span<const std::byte>(p.header)));
     for (const Payload& f : p.frames) out.push_back(f.Duplicate());
-    Status s = sockets_[static_cast<size_t>(shard)]->Send(std::move(out), std::chrono::milliseconds(0));
+    Status s =
+        sockets_[static_cast<size_t>(shard)]->Send(std::move(out), std::chrono::milliseconds(0));
     if (!s.ok()) {
       Pending failed = std::move(p);
       pending_.erase(it);
@@ -832,10 +835,10 @@ void Client::Impl::CheckRetryDeadlines() {
     Link& link = links_[i];
     if (!link.lost || link.gave_up || now - link.lost_since < options_.retry_timeout) continue;
     link.gave_up = true;
-    const Status s = UnavailableError(
-        "shard " + std::to_string(i) + " (" + options_.ps_endpoints[i] +
-        "): connection lost and not back within the retry timeout of " +
-        std::to_string(options_.retry_timeout.count()) + " ms");
+    const Status s =
+        UnavailableError("shard " + std::to_string(i) + " (" + options_.ps_endpoints[i] +
+                         "): connection lost and not back within the retry timeout of " +
+                         std::to_string(options_.retry_timeout.count()) + " ms");
     DV_LOG(kError) << s;
     FailPending(static_cast<int>(i), s);
   }
@@ -971,27 +974,25 @@ StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) 
       if (Clock::now() - start >= options.connect_timeout) break;
       std::string who;
       for (int s : state->pending_shards) who += " " + options.ps_endpoints[s];
-      DV_LOG(kInfo) << "waiting for parameter server(s)" << who << " ("
-                    << std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - start)
-                           .count()
-                    << " s so far, giving up after " << options.connect_timeout.count() / 1000
-                    << " s)";
+      DV_LOG(kInfo)
+          << "waiting for parameter server(s)" << who << " ("
+          << std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - start).count()
+          << " s so far, giving up after " << options.connect_timeout.count() / 1000 << " s)";
     }
   }
   Status s = h.Wait(std::chrono::milliseconds(1));
   if (s.code() == StatusCode::kDeadlineExceeded)
     return UnavailableError("could not reach every parameter server within " +
-                            std::to_string(options.connect_timeout.count()) + " ms: " +
-                            s.message());
+                            std::to_string(options.connect_timeout.count()) +
+                            " ms: " + s.message());
   DV_RETURN_IF_ERROR(s);
   int64_t join_clock = 0;
   for (int i = 0; i < n; ++i) {
     const auto& r = (*replies)[i];
     if (r.num_shards != n)
-      return FailedPreconditionError("shard " + std::to_string(i) + " (" +
-                                     options.ps_endpoints[i] + ") says the job has " +
-                                     std::to_string(r.num_shards) + " shards, this worker has " +
-                                     std::to_string(n));
+      return FailedPreconditionError("shard " + std::to_string(i) + " (" + options.ps_endpoints[i] +
+                                     ") says the job has " + std::to_string(r.num_shards) +
+                                     " shards, this worker has " + std::to_string(n));
     join_clock = std::max(join_clock, r.clock);
   }
   if (options.role == protocol::Role::kWorker) {
@@ -1030,8 +1031,8 @@ Status Client::CreateVariable(const std::string& name, DType dtype, const Shape&
   info.shape = shape;
   if (!options.initial_values.empty()) {
     if (static_cast<int64_t>(options.initial_values.size()) != shape.num_elements())
-      return InvalidArgumentError("variable '" + name + "': " +
-                                  std::to_string(options.initial_values.size()) +
+      return InvalidArgumentError("variable '" + name +
+                                  "': " + std::to_string(options.initial_values.size()) +
                                   " initial values for shape " + shape.ToString());
     if (dtype != DType::kF32)
       return InvalidArgumentError("variable '" + name + "': initial values need dtype f32");
@@ -1060,9 +1061,8 @@ Status Client::CreateVariable(const std::string& name, DType dtype, const Shape&
       cv.spec.initializer.kind = protocol::InitValues{ref};
       const float* base = options.initial_values.data() + slice.row_begin * row_elems;
       size_t bytes = static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems) * 4;
-      m.payloads.push_back(
-          Payload::Copy(std::span<const std::byte>(reinterpret_cast<const std::byte*>(base),
-                                                   bytes)));
+      m.payloads.push_back(Payload::Copy(
+          std::span<const std::byte>(reinterpret_cast<const std::byte*>(base), bytes)));
     }
     m.request.body = cv;
     msgs.push_back(std::move(m));
@@ -1139,9 +1139,9 @@ RequestHandle Client::Pull(std::vector<PullTarget> targets) {
       r.variable = t.variable;
       r.rows = protocol::RowRange{slice.row_begin, slice.row_end};
       pull.reads.push_back(std::move(r));
-      std::span<float> dst = t.out.subspan(static_cast<size_t>(slice.row_begin * row_elems),
-                                           static_cast<size_t>((slice.row_end - slice.row_begin) *
-                                                               row_elems));
+      std::span<float> dst =
+          t.out.subspan(static_cast<size_t>(slice.row_begin * row_elems),
+                        static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems));
       size_t read_index = pull.reads.size() - 1;
       auto prev = std::move(m.on_reply);
       m.on_reply = [prev = std::move(prev), dst, read_index](const Reply& reply,
@@ -1236,12 +1236,11 @@ std::shared_ptr<const void> MakeReleaseToken(std::shared_ptr<RequestHandle::Stat
     std::lock_guard<std::mutex> lock(state->mu);
     state->outstanding_releases += 1;
   }
-  return std::shared_ptr<const void>(static_cast<const void*>(state.get()),
-                                     [state](const void*) {
-                                       std::lock_guard<std::mutex> lock(state->mu);
-                                       state->outstanding_releases -= 1;
-                                       if (state->DoneLocked()) state->cv.notify_all();
-                                     });
+  return std::shared_ptr<const void>(static_cast<const void*>(state.get()), [state](const void*) {
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->outstanding_releases -= 1;
+    if (state->DoneLocked()) state->cv.notify_all();
+  });
 }
 
 Payload BorrowFloats(const float* data, size_t count, const std::shared_ptr<const void>& token) {
@@ -1289,10 +1288,9 @@ RequestHandle Client::Push(std::vector<PushSource> sources, bool advance_clock) 
       u.values.shape = SliceShape(v, slice.row_end - slice.row_begin);
       u.rows = protocol::RowRange{slice.row_begin, slice.row_end};
       push.updates.push_back(std::move(u));
-      m.payloads.push_back(BorrowFloats(src.grad.data() + slice.row_begin * row_elems,
-                                        static_cast<size_t>((slice.row_end - slice.row_begin) *
-                                                            row_elems),
-                                        token));
+      m.payloads.push_back(
+          BorrowFloats(src.grad.data() + slice.row_begin * row_elems,
+                       static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems), token));
     }
   }
   token.reset();  // the payloads hold it now
@@ -1320,8 +1318,8 @@ Status CheckRowRange(const VariableInfo& v, protocol::RowRange rows, size_t valu
                            std::to_string(v.shape.rows()) + ")");
   const int64_t need = rows.size() * v.shape.row_elements();
   if (static_cast<int64_t>(values) != need)
-    return InvalidArgumentError(name + ": " + std::to_string(values) +
-                                " floats given, rows need " + std::to_string(need));
+    return InvalidArgumentError(name + ": " + std::to_string(values) + " floats given, rows need " +
+                                std::to_string(need));
   return OkStatus();
 }
 
@@ -1333,8 +1331,7 @@ RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange 
   if (!info_or.ok()) return FailedHandle(info_or.status());
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
-  if (Status bad = CheckRowRange(v, rows, out.size(), "pull"); !bad.ok())
-    return FailedHandle(bad);
+  if (Status bad = CheckRowRange(v, rows, out.size(), "pull"); !bad.ok()) return FailedHandle(bad);
   std::vector<Impl::Outgoing> msgs;
   for (const ShardSlice& slice : v.placement.slices) {
     int64_t b = std::max(rows.begin, slice.row_begin), e = std::min(rows.end, slice.row_end);
@@ -1343,8 +1340,8 @@ RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange 
     m.shard = slice.shard;
     m.request = impl_->NewRequest();
     protocol::Pull pull;
-    pull.reads.push_back(protocol::Read{variable, protocol::Encoding::kRaw,
-                                        protocol::RowRange{b, e}});
+    pull.reads.push_back(
+        protocol::Read{variable, protocol::Encoding::kRaw, protocol::RowRange{b, e}});
     m.request.body = std::move(pull);
     std::span<float> dst = out.subspan(static_cast<size_t>((b - rows.begin) * row_elems),
                                        static_cast<size_t>((e - b) * row_elems));
@@ -1364,8 +1361,7 @@ RequestHandle Client::PushRange(const std::string& variable, protocol::RowRange 
   if (!info_or.ok()) return FailedHandle(info_or.status());
   const VariableInfo& v = **info_or;
   const int64_t row_elems = v.shape.row_elements();
-  if (Status bad = CheckRowRange(v, rows, grad.size(), "push"); !bad.ok())
-    return FailedHandle(bad);
+  if (Status bad = CheckRowRange(v, rows, grad.size(), "push"); !bad.ok()) return FailedHandle(bad);
   auto state = impl_->NewState();
   auto token = MakeReleaseToken(state);
   std::vector<Impl::Outgoing> msgs;
@@ -1392,8 +1388,8 @@ RequestHandle Client::PushRange(const std::string& variable, protocol::RowRange 
 namespace {
 
 struct RowGroup {
-  std::vector<int64_t> indices;    // global rows for this shard
-  std::vector<size_t> positions;   // where each row sits in the caller's order
+  std::vector<int64_t> indices;   // global rows for this shard
+  std::vector<size_t> positions;  // where each row sits in the caller's order
 };
 
 Status GroupRows(const VariableInfo& v, std::span<const int64_t> indices,
@@ -1414,14 +1410,13 @@ Status GroupRows(const VariableInfo& v, std::span<const int64_t> indices,
 // Checks that `values` floats hold indices.size() rows of `v`, then groups the
 // rows by the shard that holds them.
 StatusOr<std::map<int, RowGroup>> GroupRowsChecked(const VariableInfo& v,
-                                                   std::span<const int64_t> indices,
-                                                   size_t values, const char* what) {
+                                                   std::span<const int64_t> indices, size_t values,
+                                                   const char* what) {
   const size_t need = indices.size() * static_cast<size_t>(v.shape.row_elements());
   if (values != need)
-    return InvalidArgumentError(std::string(what) + " of '" + v.spec.name + "': " +
-                                std::to_string(values) + " floats given, " +
-                                std::to_string(indices.size()) + " rows need " +
-                                std::to_string(need));
+    return InvalidArgumentError(
+        std::string(what) + " of '" + v.spec.name + "': " + std::to_string(values) +
+        " floats given, " + std::to_string(indices.size()) + " rows need " + std::to_string(need));
   std::map<int, RowGroup> groups;
   DV_RETURN_IF_ERROR(GroupRows(v, indices, &groups));
   return groups;
@@ -1503,8 +1498,8 @@ RequestHandle Client::PushRows(const std::string& variable, std::span<const int6
     m.request.body = protocol::Push{{std::move(u)}, false};
     m.payloads.push_back(IndexPayload(g.indices));
     // Gather this shard's rows into one contiguous buffer.
-    auto rows = std::make_shared<std::vector<float>>(g.indices.size() *
-                                                     static_cast<size_t>(row_elems));
+    auto rows =
+        std::make_shared<std::vector<float>>(g.indices.size() * static_cast<size_t>(row_elems));
     for (size_t i = 0; i < g.positions.size(); ++i)
       std::memcpy(rows->data() + i * static_cast<size_t>(row_elems),
                   grad.data() + g.positions[i] * static_cast<size_t>(row_elems),
@@ -1518,8 +1513,7 @@ RequestHandle Client::PushRows(const std::string& variable, std::span<const int6
 namespace {
 // Builds one message per shard with the same body.
 template <typename Body>
-std::vector<Client::Impl::Outgoing> ToEveryShard(Client::Impl* impl, int shards,
-                                                 const Body& body) {
+std::vector<Client::Impl::Outgoing> ToEveryShard(Client::Impl* impl, int shards, const Body& body) {
   std::vector<Client::Impl::Outgoing> msgs;
   for (int s = 0; s < shards; ++s) {
     Client::Impl::Outgoing m;

@@ -88,6 +88,9 @@ int main(int argc, char** argv) {
   app.add_option("--worker-bin", config.worker_bin, "distval-worker binary")->capture_default_str();
   app.add_option("--worker-arg", config.worker_args,
                  "extra argument for every distval-worker run (repeatable)");
+  app.add_option("--ps-arg", config.ps_args,
+                 "extra argument for every distval-ps the benchmark starts (repeatable; e.g. "
+                 "--ps-arg=--nan-policy --ps-arg=allow to see what the NaN check costs)");
   app.add_option("--train-limit", config.train_limit,
                  "training examples per end-to-end run (default 60000, 12000 with --quick)");
   app.add_option("--tmp-dir", tmp_dir, "where logs and port files go (default $TMPDIR or /tmp)");

@@ -22,6 +22,7 @@ struct BenchConfig {
   std::string ps_bin;                    // distval-ps
   std::string worker_bin;                // distval-worker (may not exist)
   std::vector<std::string> worker_args;  // extra arguments for every distval-worker run
+  std::vector<std::string> ps_args;      // extra arguments for every distval-ps started
   int64_t train_limit = 60000;           // examples per end-to-end run
   const ScratchDir* scratch = nullptr;
   bool verbose = false;

@@ -37,6 +37,7 @@ StatusOr<PsCluster> StartPs(const BenchConfig& config, const std::string& tag, i
                                      "--log-level",
                                      "warning"};
     argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+    argv.insert(argv.end(), config.ps_args.begin(), config.ps_args.end());
     DV_ASSIGN_OR_RETURN(ChildProcess p,
                         ChildProcess::Spawn(argv, config.scratch->File(name + ".log")));
     cluster.processes.push_back(std::move(p));
