@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <regex>
 #include <string>
@@ -89,32 +90,26 @@ std::vector<int64_t> JoinClocks(const std::string& output) {
   return out;
 }
 
-// Directory of the complete one-shard checkpoint at `clock` under `root`
-// (ckpt-<clock, 12 digits>), or "" when it is not there (yet).
-std::string CheckpointAt(const std::string& root, int64_t clock) {
+// The complete one-shard checkpoints under `root` (ckpt-<clock, 12
+// digits>/ with its manifest): clock -> directory.
+std::map<int64_t, std::string> Checkpoints(const std::string& root) {
+  std::map<int64_t, std::string> out;
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     const std::string name = e.path().filename().string();
-    if (name.rfind("ckpt-", 0) != 0) continue;
-    if (std::stoll(name.substr(5)) != clock) continue;
-    if (fs::exists(e.path() / "manifest-0-of-1.json", ec)) return e.path().string();
+    if (name.rfind("ckpt-", 0) != 0 || name.size() <= 5 || name.size() > 5 + 18 ||
+        name.find_first_not_of("0123456789", 5) != std::string::npos)
+      continue;
+    if (fs::exists(e.path() / "manifest-0-of-1.json", ec))
+      out[std::stoll(name.substr(5))] = e.path().string();
   }
-  return "";
+  return out;
 }
 
 // Largest clock of a complete one-shard checkpoint under `root`; -1: none.
 int64_t LatestCheckpointClock(const std::string& root) {
-  int64_t best = -1;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(root, ec)) {
-    const std::string name = e.path().filename().string();
-    if (name.rfind("ckpt-", 0) != 0 || name.size() <= 5 ||
-        name.find_first_not_of("0123456789", 5) != std::string::npos)
-      continue;
-    if (!fs::exists(e.path() / "manifest-0-of-1.json", ec)) continue;
-    best = std::max(best, static_cast<int64_t>(std::stoll(name.substr(5))));
-  }
-  return best;
+  const auto all = Checkpoints(root);
+  return all.empty() ? -1 : all.rbegin()->first;
 }
 
 class WorkerFailureTest : public ::testing::Test {
@@ -283,7 +278,7 @@ TEST_F(WorkerFailureTest, BspKilledWorkerIsDroppedAndTheRestEqualsTwoWorkersFrom
   EXPECT_FALSE(DropClock(ps_log_a, 0).has_value()) << ps_log_a;
   EXPECT_FALSE(DropClock(ps_log_a, 1).has_value()) << ps_log_a;
   std::cout << "run A: worker 2 dropped at clock " << drop_clock << " of " << kTotalSteps << "\n";
-  const std::string restore_dir = CheckpointAt(ckpt_root, drop_clock);
+  const std::string restore_dir = Checkpoints(ckpt_root)[drop_clock];
   ASSERT_FALSE(restore_dir.empty())
       << "no checkpoint at clock " << drop_clock << " in " << ckpt_root;
 
