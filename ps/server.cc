@@ -824,6 +824,22 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     // A control client's push applies at once (e.g. a tool loading values).
     plan.routes.assign(kept.size(), PushRoute::kApplyNow);
   } else {
+    // Routing a BSP update makes its worker a contributor of the clock (the
+    // mean's divisor), so its bytes must all be here first: a co-located
+    // worker that dies while still copying its gradient must not count
+    // without it (with --nan-policy reject or skip, step 1 waited already).
+    // Its push fails instead, and the worker is dropped at its clock.
+    for (size_t i : kept) {
+      Frame& frame = msg[push.updates[i].values.frame];
+      if (!frame.streaming() || controller_->EffectiveStaleness(vars[i]->name(), req.clock) != 0)
+        continue;
+      auto complete = frame.Materialized();
+      if (!complete.ok())
+        return complete.status().WithContext("gradient for '" + vars[i]->name() + "' from worker " +
+                                             std::to_string(req.worker_id) + " at clock " +
+                                             std::to_string(req.clock));
+      frame = std::move(*complete);
+    }
     std::vector<std::string_view> names;
     names.reserve(kept.size());
     for (size_t i : kept) names.push_back(vars[i]->name());
