@@ -784,6 +784,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   }
   if (num_poisoned > 0) {
     nan_updates_ += num_poisoned;
+    if (options_.telemetry) options_.telemetry->OnNonFiniteUpdates(num_poisoned);
     const std::string what = "gradient with NaN/Inf from " +
                              (req.worker_id < 0 ? std::string("a control client")
                                                 : "worker " + std::to_string(req.worker_id)) +
@@ -1148,6 +1149,7 @@ protocol::StatsReply Server::Impl::MakeStats() const {
   s.shard_index = options_.shard_index;
   s.staleness = controller_->CurrentStaleness();
   s.last_checkpoint = last_checkpoint_;
+  s.nan_updates = nan_updates_;
   for (const auto& w : controller_->Snapshot().workers)
     s.workers.push_back(protocol::WorkerState{w.worker, w.clock, w.live});
   for (Variable* v : store_.All())

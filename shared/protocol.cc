@@ -354,6 +354,7 @@ void SetReply(wire::Reply::Builder out, const Reply& reply) {
                      vars[i].setLearningRate(v.learning_rate);
                    }
                    s.setLastCheckpoint(AsText(b.last_checkpoint));
+                   s.setNanUpdates(b.nan_updates);
                  },
              },
              reply.body);
@@ -818,6 +819,7 @@ Status DecodeStatsReply(Decoder& d, wire::StatsReply::Reader in, const Path& pat
                         StatsReply* out) {
   out->shard_index = in.getShardIndex();
   out->staleness = in.getStaleness();
+  out->nan_updates = in.getNanUpdates();
   auto workers = in.getWorkers();
   const Path workers_path = path.Field("workers");
   DV_RETURN_IF_ERROR(d.ListSize(workers.size(), workers_path));

@@ -19,7 +19,9 @@
 #include "distval/client.h"
 #include "distval/protocol.h"
 #include "distval/transport.h"
+#include "http_get.h"
 #include "local_cluster.h"
+#include "prometheus_text.h"
 
 namespace distval {
 namespace {
@@ -256,14 +258,25 @@ TEST(ReliabilityTest, KillDuringCheckpointWritesAlwaysLeavesALoadableOne) {
 TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
+  // The shard's counter of refused / skipped updates, as Stats, the
+  // Prometheus endpoint and distval-ctl status report it.
+  auto nan_updates = [](Client& client) -> uint64_t {
+    auto stats = client.Stats();
+    EXPECT_TRUE(stats.ok()) << stats.status();
+    return stats.ok() && stats->size() == 1 ? stats->front().nan_updates : 999;
+  };
   for (const std::string policy : {"reject", "skip"}) {
     SCOPED_TRACE(policy);
     LocalClusterOptions co;
-    co.extra_args = {"--nan-policy", policy};
+    const int metrics_port = testing::FreeTcpPort();
+    co.extra_args = {"--nan-policy",      policy,
+                     "--metrics-port",    std::to_string(metrics_port),
+                     "--metrics-address", "127.0.0.1"};
     auto cluster = LocalCluster::Start(co);
     ASSERT_TRUE(cluster.ok()) << cluster.status();
     auto client = Connect(*cluster);
     ASSERT_NE(client, nullptr);
+    EXPECT_EQ(nan_updates(*client), 0u);
     VariableOptions vo = Sgd(0.5);
     vo.initializer = {0, protocol::InitConstant{1.0}};
     ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape({1000}), vo).ok());
@@ -278,19 +291,51 @@ TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
     std::vector<float> w(1000), b(10);
     ASSERT_TRUE(client->Pull({{"w", w}, {"b", b}}).Wait().ok());
     for (float x : w) ASSERT_EQ(x, 1.0f);
+    // One update (w's) of one push refused or skipped.
+    EXPECT_EQ(nan_updates(*client), 1u);
     if (policy == "reject") {
       EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
       EXPECT_NE(s.message().find("'w' (2 of 1000 values)"), std::string::npos) << s;
       for (float x : b) EXPECT_EQ(x, 1.0f);
-      // A clean push from the same clock goes through.
+      // A clean push from the same clock goes through, and is not counted.
       gw[123] = gw[999] = 1.0f;
       ASSERT_TRUE(client->Push({{"w", gw}, {"b", gb}}, true).Wait().ok());
       ASSERT_TRUE(client->Pull({{"w", w}, {"b", b}}).Wait().ok());
       for (float x : w) ASSERT_EQ(x, 0.5f);
+      EXPECT_EQ(nan_updates(*client), 1u);
+      // A second poisoned push, this time in b: refused, counted.
+      gb[0] = -inf;
+      Status s2 = client->Push({{"w", gw}, {"b", gb}}, true).Wait();
+      EXPECT_EQ(s2.code(), StatusCode::kInvalidArgument) << s2;
+      client->set_clock(client->clock() - 1);
+      EXPECT_EQ(nan_updates(*client), 2u);
     } else {
       EXPECT_TRUE(s.ok()) << s;
       for (float x : b) EXPECT_EQ(x, 0.5f);
+      // Both variables poisoned: both updates skipped, both counted.
+      gb[0] = nan;
+      ASSERT_TRUE(client->Push({{"w", gw}, {"b", gb}}, true).Wait().ok());
+      ASSERT_TRUE(client->Pull({{"w", w}, {"b", b}}).Wait().ok());
+      for (float x : w) ASSERT_EQ(x, 1.0f);
+      for (float x : b) ASSERT_EQ(x, 0.5f);
+      EXPECT_EQ(nan_updates(*client), 3u);
     }
+    const uint64_t expected = policy == "reject" ? 2 : 3;
+    // The Prometheus counter (published as it changes) ...
+    testing::HttpResponse m = testing::HttpRequest(metrics_port, "/metrics");
+    ASSERT_EQ(m.status, 200);
+    auto prom = testing::ParsePrometheusText(m.body);
+    EXPECT_EQ(prom.Value("distval_ps_nan_updates_total", {{"shard", "0"}}),
+              std::optional<double>(static_cast<double>(expected)))
+        << m.body;
+    // ... and distval-ctl status.
+    auto r = testing::RunProcess(
+        {testing::BinaryFromEnv("DISTVAL_CTL_BIN"), "--ps", cluster->endpoints()[0], "status"},
+        cluster->LogPath(0) + ".ctl", 30);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("nan/inf updates refused or skipped: " + std::to_string(expected)),
+              std::string::npos)
+        << r.output;
     const std::string log = testing::ReadFile(cluster->LogPath(0));
     EXPECT_NE(log.find("gradient with NaN/Inf from worker 0 at clock 0 for 'w'"), std::string::npos)
         << log;
