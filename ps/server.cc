@@ -709,6 +709,16 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
     return ResourceExhaustedError("variable '" + cv.spec.name + "' not created: shard " +
                                   std::to_string(options_.shard_index) + " already holds " +
                                   std::to_string(store_.size()) + " variables (--max-variables)");
+  if (options_.max_variable_bytes > 0) {
+    // The decoder checked that the whole shape's byte size fits int64.
+    int64_t bytes = static_cast<int64_t>(sizeof(float)) * (cv.rows.end - cv.rows.begin);
+    for (size_t i = 1; i < cv.spec.shape.size(); ++i) bytes *= cv.spec.shape[i];
+    if (bytes > options_.max_variable_bytes)
+      return ResourceExhaustedError(
+          "variable '" + cv.spec.name + "' not created: its " + std::to_string(bytes) +
+          " bytes on shard " + std::to_string(options_.shard_index) + " exceed " +
+          std::to_string(options_.max_variable_bytes) + " (--max-variable-bytes)");
+  }
   const float* init = nullptr;
   FloatPayload values;
   if (auto* iv = std::get_if<protocol::InitValues>(&cv.spec.initializer.kind)) {
@@ -722,6 +732,15 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
                                   std::to_string(iv->values.num_elements()) +
                                   " initial values for " + std::to_string(rows) + " rows of " +
                                   std::to_string(row_elems));
+    if (options_.nan_policy != NanPolicy::kAllow) {
+      // Parameters never start poisoned either.
+      const size_t bad =
+          protocol::CountNonFinite(msg[iv->values.frame].bytes(), iv->values.encoding);
+      if (bad > 0)
+        return InvalidArgumentError("variable '" + cv.spec.name + "': " + std::to_string(bad) +
+                                    " of " + std::to_string(iv->values.num_elements()) +
+                                    " initial values are NaN/Inf (--nan-policy)");
+    }
     values = ToFloats(iv->values, msg[iv->values.frame]);
     init = values.values.data();
   }

@@ -320,6 +320,18 @@ TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
       for (float x : b) ASSERT_EQ(x, 0.5f);
       EXPECT_EQ(nan_updates(*client), 3u);
     }
+    // Parameters never start poisoned either: initial values with NaN/Inf
+    // are refused (and not counted: they are not gradients).
+    std::vector<float> init(4, 0.5f);
+    init[2] = inf;
+    VariableOptions iv = Sgd(0.1);
+    iv.initial_values = init;
+    Status created = client->CreateVariable("poisoned_init", DType::kF32, Shape({4}), iv);
+    EXPECT_EQ(created.code(), StatusCode::kInvalidArgument) << created;
+    EXPECT_NE(created.message().find("1 of 4 initial values are NaN/Inf"), std::string::npos)
+        << created;
+    init[2] = 0.5f;
+    ASSERT_TRUE(client->CreateVariable("poisoned_init", DType::kF32, Shape({4}), iv).ok());
     const uint64_t expected = policy == "reject" ? 2 : 3;
     // The Prometheus counter (published as it changes) ...
     testing::HttpResponse m = testing::HttpRequest(metrics_port, "/metrics");
@@ -545,7 +557,7 @@ bool Disruptive(const protocol::Request& r) {
 // running, and a worker then trains exactly.
 TEST(ReliabilityTest, HostileFramesNeitherCrashNorPoisonTheServer) {
   LocalClusterOptions co;
-  co.extra_args = {"--max-frames", "8", "--max-variables", "64"};
+  co.extra_args = {"--max-frames", "8", "--max-variables", "64", "--max-variable-bytes", "4096"};
   auto cluster = LocalCluster::Start(co);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   {
@@ -661,6 +673,12 @@ TEST(ReliabilityTest, HostileFramesNeitherCrashNorPoisonTheServer) {
   for (int step = 0; step < 20; ++step) ASSERT_TRUE(client->Push({{"fresh", g}}, true).Wait().ok());
   ASSERT_TRUE(client->Pull({{"fresh", p}}).Wait().ok());
   for (float x : p) EXPECT_EQ(x, -2.5f);
+  // --max-variable-bytes 4096: a larger variable is refused before it is
+  // allocated (so that no request can make the server allocate at will).
+  Status big = client->CreateVariable("big", DType::kF32, Shape({1025}), vo);
+  EXPECT_EQ(big.code(), StatusCode::kResourceExhausted) << big;
+  EXPECT_NE(big.message().find("--max-variable-bytes"), std::string::npos) << big;
+  ASSERT_TRUE(client->CreateVariable("not_big", DType::kF32, Shape({1024}), vo).ok());
   auto stats = client->Stats();
   ASSERT_TRUE(stats.ok()) << stats.status();
   const size_t held = (*stats)[0].variables.size();
