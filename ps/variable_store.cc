@@ -1,6 +1,7 @@
 #include "variable_store.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -445,11 +446,12 @@ ParamsSnapshot VariableStore::Snapshot(const Variable& v) {
 // ---- Learning rate
 
 Status VariableStore::SetLearningRate(std::string_view name, double learning_rate) {
-  if (!std::isfinite(learning_rate) || learning_rate < 0)
+  // Applied as a float: a finite double above FLT_MAX would become Inf.
+  if (!std::isfinite(learning_rate) || learning_rate < 0 || learning_rate > FLT_MAX)
     return InvalidArgumentError(
         "learning_rate = " + Num(learning_rate) + " for " +
         (name.empty() ? std::string("all variables") : "variable " + Quoted(name)) +
-        " must be finite and >= 0");
+        " must be >= 0 and fit a float (<= 3.4e38)");
   std::vector<Variable*> targets;
   if (name.empty()) {
     targets = All();
