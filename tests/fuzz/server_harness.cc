@@ -13,7 +13,9 @@
 
 #include "distval/encoding.h"
 #include "distval/logging.h"
+#include "distval/metrics.h"
 #include "fuzz_input.h"
+#include "server_telemetry.h"
 
 namespace distval::fuzz {
 
@@ -137,6 +139,12 @@ class ServerHarness::Instance {
     o.checkpoint_dir = checkpoint_dir_;
     o.checkpoint_every_clocks = 64;
     o.keep_checkpoints = 2;
+    // Metrics hooks run on the request path too.
+    if (!telemetry_) {
+      DV_ASSIGN_OR_RETURN(telemetry_,
+                          ps::ServerTelemetry::Create(&registry_, nullptr, 0, kHarnessWorkers));
+    }
+    o.telemetry = telemetry_.get();
     DV_ASSIGN_OR_RETURN(server_, ps::Server::Create(o));
     exited_.store(false);
     thread_ = std::thread([this] {
@@ -368,6 +376,8 @@ class ServerHarness::Instance {
   ps::NanPolicy policy_;
   std::string checkpoint_dir_;
   transport::Context context_{1};
+  MetricRegistry registry_;
+  std::unique_ptr<ps::ServerTelemetry> telemetry_;  // outlives server_
   std::unique_ptr<ps::Server> server_;
   std::thread thread_;
   std::atomic<bool> exited_{false};

@@ -7,7 +7,8 @@
 // a partition of a larger variable, an embedding for sparse pushes, a
 // scalar, and one with an async per-variable override), with every optimizer
 // kind. Two servers run side by side, one with --nan-policy reject and one
-// with skip, and every request goes to both.
+// with skip, and every request goes to both. Their metrics hooks
+// (ps/server_telemetry.h) are on.
 //
 // Send() sends one request (frame 0 and payload frames, as given: nothing is
 // validated first) from a DEALER, then, on the same connection, a pull of
