@@ -319,7 +319,11 @@ StatusOr<std::string> WriteCheckpoint(const std::string& root, const CheckpointS
     for (auto& jv : vs)
       for (auto& t : jv["tensors"]) t["offset"] = t["offset"].get<uint64_t>() + data_start;
     h["variables"] = std::move(vs);
-    text = h.dump();
+    try {
+      text = h.dump();
+    } catch (const json::exception& e) {  // e.g. a name that is not UTF-8
+      return InvalidArgumentError(std::string("checkpoint header: ") + e.what());
+    }
     const uint64_t need = AlignUp(kPreambleBytes + text.size());
     if (need == data_start) break;
     data_start = need;
@@ -383,7 +387,12 @@ StatusOr<std::string> WriteCheckpoint(const std::string& root, const CheckpointS
   m["file"] = data_name;
   m["bytes"] = total;
   m["crc32c"] = file_crc;
-  const std::string mtext = m.dump(1) + "\n";
+  std::string mtext;
+  try {
+    mtext = m.dump(1) + "\n";
+  } catch (const json::exception& e) {
+    return InvalidArgumentError(std::string("checkpoint manifest: ") + e.what());
+  }
   AtomicFile mf;
   DV_RETURN_IF_ERROR(mf.Open(dir, manifest_name));
   DV_RETURN_IF_ERROR(mf.Write(mtext.data(), mtext.size()));

@@ -1,6 +1,7 @@
 #include "initializer.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <numbers>
@@ -79,25 +80,34 @@ double GlorotUniformLimit(const Shape& shape) {
   return std::sqrt(6.0 / std::max(2.0, f.fan_in + f.fan_out));
 }
 
+namespace {
+
+// Initial values are written as floats: a finite double above FLT_MAX
+// would start the parameters at Inf.
+bool FitsFloat(double x) { return std::isfinite(x) && std::fabs(x) <= FLT_MAX; }
+
+}  // namespace
+
 Status ValidateInitializer(const protocol::Initializer& init, const Shape& shard_shape) {
   return std::visit(
       [&](const auto& k) -> Status {
         using K = std::decay_t<decltype(k)>;
         if constexpr (std::is_same_v<K, protocol::InitConstant>) {
-          if (!std::isfinite(k.value))
+          if (!FitsFloat(k.value))
             return InvalidArgumentError("initializer constant: value = " + Num(k.value) +
-                                        " must be finite");
+                                        " must fit a float (|value| <= 3.4e38)");
         } else if constexpr (std::is_same_v<K, protocol::InitUniform>) {
-          if (!std::isfinite(k.low) || !std::isfinite(k.high) || k.low > k.high)
+          if (!FitsFloat(k.low) || !FitsFloat(k.high) || k.low > k.high)
             return InvalidArgumentError("initializer uniform: low = " + Num(k.low) + ", high = " +
-                                        Num(k.high) + " must be finite with low <= high");
+                                        Num(k.high) +
+                                        " must fit a float (|x| <= 3.4e38) with low <= high");
         } else if constexpr (std::is_same_v<K, protocol::InitNormal>) {
-          if (!std::isfinite(k.mean))
+          if (!FitsFloat(k.mean))
             return InvalidArgumentError("initializer normal: mean = " + Num(k.mean) +
-                                        " must be finite");
-          if (!std::isfinite(k.stddev) || k.stddev < 0)
+                                        " must fit a float (|mean| <= 3.4e38)");
+          if (!FitsFloat(k.stddev) || k.stddev < 0)
             return InvalidArgumentError("initializer normal: stddev = " + Num(k.stddev) +
-                                        " must be finite and >= 0");
+                                        " must be >= 0 and fit a float (<= 3.4e38)");
         } else if constexpr (std::is_same_v<K, protocol::InitValues>) {
           if (k.values.dtype != DType::kF32)
             return InvalidArgumentError("initializer values: dtype " +

@@ -105,6 +105,10 @@ int main(int argc, char** argv) {
   app.add_option("--max-variables", opt.max_variables,
                  "most variables this shard holds, and most updates/reads in one request")
       ->capture_default_str();
+  app.add_option("--max-variable-bytes", opt.max_variable_bytes,
+                 "largest variable shard (parameter bytes) a create request may ask for; "
+                 "0: no limit")
+      ->capture_default_str();
   std::string nan_policy = "reject";
   app.add_option("--nan-policy", nan_policy,
                  "gradients with NaN/Inf: reject (error reply, nothing applied), skip (drop "

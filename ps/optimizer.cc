@@ -3,6 +3,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cassert>
+#include <cfloat>
 #include <cmath>
 #include <numeric>
 #include <sstream>
@@ -207,6 +208,15 @@ std::string_view OptimizerName(OptimizerKind kind) {
   return "unknown";
 }
 
+namespace {
+
+// Hyperparameters arrive as doubles and are applied as floats: a finite
+// double above FLT_MAX becomes Inf (and then NaN in the parameters), and
+// with flush-to-zero a positive one below FLT_MIN becomes 0.
+bool FitsFloat(double x) { return std::isfinite(x) && std::fabs(x) <= FLT_MAX; }
+
+}  // namespace
+
 Status ValidateOptimizerSpec(const OptimizerSpec& spec) {
   switch (spec.kind) {
     case OptimizerKind::kSgd:
@@ -219,23 +229,27 @@ Status ValidateOptimizerSpec(const OptimizerSpec& spec) {
       return InvalidArgumentError("optimizer kind " + std::to_string(static_cast<int>(spec.kind)) +
                                   " is unknown (expected sgd, momentum, adagrad, adam or adamw)");
   }
-  if (!std::isfinite(spec.learning_rate) || spec.learning_rate < 0)
-    return FieldError(spec, "learning_rate", spec.learning_rate, "must be finite and >= 0");
-  if (!std::isfinite(spec.weight_decay) || spec.weight_decay < 0)
-    return FieldError(spec, "weight_decay", spec.weight_decay, "must be finite and >= 0");
+  if (!FitsFloat(spec.learning_rate) || spec.learning_rate < 0)
+    return FieldError(spec, "learning_rate", spec.learning_rate,
+                      "must be >= 0 and fit a float (<= 3.4e38)");
+  if (!FitsFloat(spec.weight_decay) || spec.weight_decay < 0)
+    return FieldError(spec, "weight_decay", spec.weight_decay,
+                      "must be >= 0 and fit a float (<= 3.4e38)");
   if (spec.weight_decay != 0 && spec.kind != OptimizerKind::kAdamW)
     return FieldError(spec, "weight_decay", spec.weight_decay,
                       "is only supported by adamw (decoupled decay); use 0");
   const bool uses_epsilon = spec.kind == OptimizerKind::kAdagrad ||
                             spec.kind == OptimizerKind::kAdam || spec.kind == OptimizerKind::kAdamW;
-  if (uses_epsilon && (!std::isfinite(spec.epsilon) || spec.epsilon <= 0))
-    return FieldError(spec, "epsilon", spec.epsilon, "must be finite and > 0");
+  if (uses_epsilon && (!FitsFloat(spec.epsilon) || spec.epsilon < FLT_MIN))
+    return FieldError(spec, "epsilon", spec.epsilon,
+                      "must be a normal float (in [1.2e-38, 3.4e38]): a smaller one is 0 "
+                      "under flush-to-zero");
   if (spec.kind == OptimizerKind::kMomentum && !(spec.momentum >= 0 && spec.momentum < 1))
     return FieldError(spec, "momentum", spec.momentum, "must be in [0, 1)");
   if (spec.kind == OptimizerKind::kAdagrad &&
-      (!std::isfinite(spec.initial_accumulator) || spec.initial_accumulator < 0))
+      (!FitsFloat(spec.initial_accumulator) || spec.initial_accumulator < 0))
     return FieldError(spec, "initial_accumulator", spec.initial_accumulator,
-                      "must be finite and >= 0");
+                      "must be >= 0 and fit a float (<= 3.4e38)");
   if (spec.kind == OptimizerKind::kAdam || spec.kind == OptimizerKind::kAdamW) {
     if (!(spec.beta1 >= 0 && spec.beta1 < 1))
       return FieldError(spec, "beta1", spec.beta1, "must be in [0, 1)");
@@ -288,9 +302,9 @@ void Optimizer::set_step(int64_t step) {
 }
 
 Status Optimizer::SetLearningRate(double learning_rate) {
-  if (!std::isfinite(learning_rate) || learning_rate < 0)
+  if (!FitsFloat(learning_rate) || learning_rate < 0)
     return InvalidArgumentError("learning_rate = " + Num(learning_rate) +
-                                " must be finite and >= 0");
+                                " must be >= 0 and fit a float (<= 3.4e38)");
   learning_rate_ = learning_rate;
   return OkStatus();
 }

@@ -724,6 +724,16 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
     return ResourceExhaustedError("variable '" + cv.spec.name + "' not created: shard " +
                                   std::to_string(options_.shard_index) + " already holds " +
                                   std::to_string(store_.size()) + " variables (--max-variables)");
+  if (options_.max_variable_bytes > 0) {
+    // The decoder checked that the whole shape's byte size fits int64.
+    int64_t bytes = static_cast<int64_t>(sizeof(float)) * (cv.rows.end - cv.rows.begin);
+    for (size_t i = 1; i < cv.spec.shape.size(); ++i) bytes *= cv.spec.shape[i];
+    if (bytes > options_.max_variable_bytes)
+      return ResourceExhaustedError(
+          "variable '" + cv.spec.name + "' not created: its " + std::to_string(bytes) +
+          " bytes on shard " + std::to_string(options_.shard_index) + " exceed " +
+          std::to_string(options_.max_variable_bytes) + " (--max-variable-bytes)");
+  }
   const float* init = nullptr;
   FloatPayload values;
   if (auto* iv = std::get_if<protocol::InitValues>(&cv.spec.initializer.kind)) {
@@ -737,6 +747,15 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
                                   std::to_string(iv->values.num_elements()) +
                                   " initial values for " + std::to_string(rows) + " rows of " +
                                   std::to_string(row_elems));
+    if (options_.nan_policy != NanPolicy::kAllow) {
+      // Parameters never start poisoned either.
+      const size_t bad =
+          protocol::CountNonFinite(msg[iv->values.frame].bytes(), iv->values.encoding);
+      if (bad > 0)
+        return InvalidArgumentError("variable '" + cv.spec.name + "': " + std::to_string(bad) +
+                                    " of " + std::to_string(iv->values.num_elements()) +
+                                    " initial values are NaN/Inf (--nan-policy)");
+    }
     values = ToFloats(iv->values, msg[iv->values.frame]);
     init = values.values.data();
   }
@@ -799,6 +818,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   }
   if (num_poisoned > 0) {
     nan_updates_ += num_poisoned;
+    if (options_.telemetry) options_.telemetry->OnNonFiniteUpdates(num_poisoned);
     const std::string what = "gradient with NaN/Inf from " +
                              (req.worker_id < 0 ? std::string("a control client")
                                                 : "worker " + std::to_string(req.worker_id)) +
@@ -1179,6 +1199,7 @@ protocol::StatsReply Server::Impl::MakeStats() const {
   s.shard_index = options_.shard_index;
   s.staleness = controller_->CurrentStaleness();
   s.last_checkpoint = last_checkpoint_;
+  s.nan_updates = nan_updates_;
   for (const auto& w : controller_->Snapshot().workers)
     s.workers.push_back(protocol::WorkerState{w.worker, w.clock, w.live});
   for (Variable* v : store_.All())

@@ -60,6 +60,10 @@ struct ServerOptions {
   // Most variables this shard creates (ResourceExhausted beyond), and most
   // updates or reads in one push or pull (InvalidArgument beyond).
   int max_variables = 100000;
+  // Largest variable shard (its parameters, without optimizer slots) a
+  // CreateVariable may ask for, in bytes; a larger one is refused with
+  // ResourceExhausted before anything is allocated. 0: no limit.
+  int64_t max_variable_bytes = 0;
   // Co-located workers: accept their shared-memory offer (transport::
   // SocketOptions::shared_memory) and keep parameter buffers of at least
   // shared_memory_min_bytes in shared memory, so that a pull is one copy

@@ -83,6 +83,12 @@ StatusOr<std::unique_ptr<ServerTelemetry>> ServerTelemetry::Create(MetricRegistr
                      "Measured staleness of pushes: the largest live worker clock minus the "
                      "push's clock.",
                      {0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64}, labels));
+  DV_ASSIGN_OR_RETURN(
+      t->nan_updates_,
+      r.AddCounter("distval_ps_nan_updates_total",
+                   "Updates (one variable of one push) refused or skipped because their "
+                   "gradient held NaN or Inf (--nan-policy).",
+                   labels));
   auto gauge = [&](const char* name, const char* help) { return r.AddGauge(name, help, labels); };
   DV_ASSIGN_OR_RETURN(t->workers_, gauge("distval_ps_workers", "Workers the job expects."));
   DV_ASSIGN_OR_RETURN(
@@ -140,6 +146,10 @@ void ServerTelemetry::OnError(StatusCode code) {
 
 void ServerTelemetry::OnPushStaleness(int64_t staleness) {
   if (push_staleness_ != nullptr) push_staleness_->Observe(static_cast<double>(staleness));
+}
+
+void ServerTelemetry::OnNonFiniteUpdates(uint64_t count) {
+  if (nan_updates_ != nullptr) nan_updates_->Increment(static_cast<double>(count));
 }
 
 int ServerTelemetry::WorkerTrack(int32_t worker) {

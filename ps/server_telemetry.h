@@ -19,6 +19,8 @@
 //   pull_wait_seconds               histogram: a worker pull's arrival to its
 //                                   answer (held by BSP/SSP)
 //   push_staleness                  histogram: measured staleness of pushes
+//   nan_updates_total               updates (one variable of one push)
+//                                   refused or skipped for NaN/Inf gradients
 //   workers / live_workers          expected / live workers
 //   min_worker_clock / max_worker_clock   over live workers
 //   held_pulls                      pulls waiting for slower workers
@@ -69,6 +71,8 @@ class ServerTelemetry {
   void OnReply(const protocol::Reply& reply, const transport::OutMessage& out);
   void OnError(StatusCode code);
   void OnPushStaleness(int64_t staleness);
+  // `count` updates of a push were refused or skipped for NaN/Inf values.
+  void OnNonFiniteUpdates(uint64_t count);
   // A pull is answered; `arrived` is when it was received.
   void OnPullAnswered(const protocol::Request& request, ControllerClock::time_point arrived);
   // An apply ran from `begin` to now.
@@ -99,6 +103,7 @@ class ServerTelemetry {
   Histogram* apply_seconds_ = nullptr;
   Histogram* pull_wait_seconds_ = nullptr;
   Histogram* push_staleness_ = nullptr;
+  Counter* nan_updates_ = nullptr;
   Gauge* workers_ = nullptr;
   Gauge* live_workers_ = nullptr;
   Gauge* min_clock_ = nullptr;

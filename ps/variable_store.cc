@@ -1,6 +1,7 @@
 #include "variable_store.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -252,6 +253,12 @@ Status VariableStore::ValidateDenseRange(const Variable& v, RowRange rows) {
   if (rows.begin < v.rows().begin || rows.end > v.rows().end)
     return OutOfRangeError("variable " + Quoted(v.name()) + ": rows " + RangeText(rows) +
                            " are outside this shard's rows " + RangeText(v.rows()));
+  // A scalar has no rows to choose from: its one "row" is all of it (an
+  // empty range would make a pull reply of 0 bytes for shape [], which no
+  // client can decode).
+  if (v.shape().rank() == 0 && rows != v.rows())
+    return InvalidArgumentError("variable " + Quoted(v.name()) + " is a scalar: rows " +
+                                RangeText(rows) + " must be [0, 1)");
   return OkStatus();
 }
 
@@ -278,6 +285,11 @@ Status VariableStore::ValidateSparseIndices(const Variable& v, DType dtype,
   if (indices_shape.size() != 1)
     return InvalidArgumentError("variable " + Quoted(v.name()) + ": row indices have shape " +
                                 DimsText(indices_shape) + ", expected rank 1");
+  // A scalar has no rows (n of them would be answered as one value of
+  // shape [] in n * 4 bytes, a reply no client decodes).
+  if (v.shape().rank() == 0)
+    return InvalidArgumentError("variable " + Quoted(v.name()) +
+                                " is a scalar: it has no rows to read or update sparsely");
   return OkStatus();
 }
 
@@ -434,11 +446,12 @@ ParamsSnapshot VariableStore::Snapshot(const Variable& v) {
 // ---- Learning rate
 
 Status VariableStore::SetLearningRate(std::string_view name, double learning_rate) {
-  if (!std::isfinite(learning_rate) || learning_rate < 0)
+  // Applied as a float: a finite double above FLT_MAX would become Inf.
+  if (!std::isfinite(learning_rate) || learning_rate < 0 || learning_rate > FLT_MAX)
     return InvalidArgumentError(
         "learning_rate = " + Num(learning_rate) + " for " +
         (name.empty() ? std::string("all variables") : "variable " + Quoted(name)) +
-        " must be finite and >= 0");
+        " must be >= 0 and fit a float (<= 3.4e38)");
   std::vector<Variable*> targets;
   if (name.empty()) {
     targets = All();

@@ -172,15 +172,16 @@ class VariableStore {
   // immutable data: no lock, no state change. Messages name the variable,
   // the rows and the sizes.
 
-  // InvalidArgument unless begin <= end; OutOfRange unless the range lies
-  // within the shard's rows.
+  // InvalidArgument unless begin <= end, and for a scalar unless the range
+  // is [0, 1); OutOfRange unless the range lies within the shard's rows.
   static Status ValidateDenseRange(const Variable& v, protocol::RowRange rows);
   // The above, plus: payload dtype f32 (the server decodes f16/bf16 encodings
   // to f32 first) and shape == [rows.size(), shape[1:]...] (a scalar's
   // payload is shaped []). InvalidArgument otherwise.
   static Status ValidateDensePayload(const Variable& v, protocol::RowRange rows, DType dtype,
                                      std::span<const int64_t> payload_shape);
-  // The index tensor of a sparse request: dtype i64, rank 1. InvalidArgument.
+  // The index tensor of a sparse request: dtype i64, rank 1, and a variable
+  // that is not a scalar. InvalidArgument.
   static Status ValidateSparseIndices(const Variable& v, DType dtype,
                                       std::span<const int64_t> indices_shape);
   // Every global row within the shard's rows: OutOfRange naming the first bad

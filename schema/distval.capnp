@@ -222,6 +222,8 @@ struct StatsReply {
   workers @2 :List(WorkerState);        # every known worker
   variables @3 :List(VariableState);    # every variable held
   lastCheckpoint @4 :Text;              # path of the last checkpoint ("" if none)
+  nanUpdates @5 :UInt64;                # updates (one variable of one push) refused or skipped
+                                        # because their gradient held NaN/Inf (--nan-policy)
   struct WorkerState {
     workerId @0 :Int32;                 # worker index
     clock @1 :Int64;                    # its clock

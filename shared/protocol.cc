@@ -289,6 +289,42 @@ void SetRequest(wire::Request::Builder out, const Request& request) {
       request.body);
 }
 
+// Offset of the first byte of `s` that does not start (or continue) a
+// well-formed UTF-8 sequence (RFC 3629: no overlong forms, surrogates or
+// code points above U+10FFFF); npos when `s` is valid.
+size_t InvalidUtf8At(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len;
+    unsigned char lo = 0x80, hi = 0xBF;  // bounds of the second byte
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      if (c == 0xE0) lo = 0xA0;  // overlong
+      if (c == 0xED) hi = 0x9F;  // surrogates
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      if (c == 0xF0) lo = 0x90;  // overlong
+      if (c == 0xF4) hi = 0x8F;  // above U+10FFFF
+    } else {
+      return i;
+    }
+    if (s.size() - i < len) return i;
+    for (size_t k = 1; k < len; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + k]);
+      if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) return i;
+    }
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
 // Cuts `message` to at most `limit` bytes, at a UTF-8 boundary, ending in
 // "..." when something was cut.
 std::string_view Truncated(const std::string& message, size_t limit, std::string* storage) {
@@ -303,11 +339,28 @@ std::string_view Truncated(const std::string& message, size_t limit, std::string
   return *storage;
 }
 
+// `message` with every byte that breaks UTF-8 replaced by '?' (the decoder
+// refuses text that is not UTF-8; a server's message may quote anything).
+std::string_view ValidUtf8(std::string_view message, std::string* storage) {
+  size_t bad = InvalidUtf8At(message);
+  if (bad == std::string_view::npos) return message;
+  std::string out(message);
+  while (bad != std::string_view::npos) {
+    out[bad] = '?';
+    const size_t next = InvalidUtf8At(std::string_view(out).substr(bad + 1));
+    bad = next == std::string_view::npos ? next : bad + 1 + next;
+  }
+  *storage = std::move(out);
+  return *storage;
+}
+
 void SetReply(wire::Reply::Builder out, const Reply& reply) {
   out.setRequestId(reply.request_id);
   out.setCode(static_cast<int32_t>(reply.code));
   std::string storage;
-  std::string_view message = Truncated(reply.message, DecodeLimits{}.max_text_bytes, &storage);
+  std::string utf8;
+  std::string_view message =
+      ValidUtf8(Truncated(reply.message, DecodeLimits{}.max_text_bytes, &storage), &utf8);
   if (!message.empty()) out.setMessage(capnp::Text::Reader(message.data(), message.size()));
   out.setMinClock(reply.min_clock);
   out.setShardClock(reply.shard_clock);
@@ -357,6 +410,7 @@ void SetReply(wire::Reply::Builder out, const Reply& reply) {
                      vars[i].setLearningRate(v.learning_rate);
                    }
                    s.setLastCheckpoint(AsText(b.last_checkpoint));
+                   s.setNanUpdates(b.nan_updates);
                  },
              },
              reply.body);
@@ -447,9 +501,15 @@ class Decoder {
     if (in.size() > limits_.max_text_bytes)
       return Error(path, "text of " + std::to_string(in.size()) + " bytes exceeds the limit of " +
                              std::to_string(limits_.max_text_bytes));
+    // Cap'n Proto Text is UTF-8; names end up in JSON (checkpoint
+    // manifests), which refuses anything else.
+    if (const size_t bad = InvalidUtf8At(std::string_view(in.begin(), in.size()));
+        bad != std::string_view::npos)
+      return Error(path, "text is not valid UTF-8 (byte " + std::to_string(bad) + ")");
     out->assign(in.begin(), in.size());
     return OkStatus();
   }
+
 
   // Enum field `in` of a wire enum with `count` values.
   template <typename Out, typename In>
@@ -821,6 +881,7 @@ Status DecodeStatsReply(Decoder& d, wire::StatsReply::Reader in, const Path& pat
                         StatsReply* out) {
   out->shard_index = in.getShardIndex();
   out->staleness = in.getStaleness();
+  out->nan_updates = in.getNanUpdates();
   auto workers = in.getWorkers();
   const Path workers_path = path.Field("workers");
   DV_RETURN_IF_ERROR(d.ListSize(workers.size(), workers_path));

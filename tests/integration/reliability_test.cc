@@ -22,7 +22,9 @@
 #include "distval/protocol.h"
 #include "distval/safetensors.h"
 #include "distval/transport.h"
+#include "http_get.h"
 #include "local_cluster.h"
+#include "prometheus_text.h"
 
 namespace distval {
 namespace {
@@ -259,14 +261,25 @@ TEST(ReliabilityTest, KillDuringCheckpointWritesAlwaysLeavesALoadableOne) {
 TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
+  // The shard's counter of refused / skipped updates, as Stats, the
+  // Prometheus endpoint and distval-ctl status report it.
+  auto nan_updates = [](Client& client) -> uint64_t {
+    auto stats = client.Stats();
+    EXPECT_TRUE(stats.ok()) << stats.status();
+    return stats.ok() && stats->size() == 1 ? stats->front().nan_updates : 999;
+  };
   for (const std::string policy : {"reject", "skip"}) {
     SCOPED_TRACE(policy);
     LocalClusterOptions co;
-    co.extra_args = {"--nan-policy", policy};
+    const int metrics_port = testing::FreeTcpPort();
+    co.extra_args = {"--nan-policy",      policy,
+                     "--metrics-port",    std::to_string(metrics_port),
+                     "--metrics-address", "127.0.0.1"};
     auto cluster = LocalCluster::Start(co);
     ASSERT_TRUE(cluster.ok()) << cluster.status();
     auto client = Connect(*cluster);
     ASSERT_NE(client, nullptr);
+    EXPECT_EQ(nan_updates(*client), 0u);
     VariableOptions vo = Sgd(0.5);
     vo.initializer = {0, protocol::InitConstant{1.0}};
     ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape({1000}), vo).ok());
@@ -281,19 +294,63 @@ TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
     std::vector<float> w(1000), b(10);
     ASSERT_TRUE(client->Pull({{"w", w}, {"b", b}}).Wait().ok());
     for (float x : w) ASSERT_EQ(x, 1.0f);
+    // One update (w's) of one push refused or skipped.
+    EXPECT_EQ(nan_updates(*client), 1u);
     if (policy == "reject") {
       EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
       EXPECT_NE(s.message().find("'w' (2 of 1000 values)"), std::string::npos) << s;
       for (float x : b) EXPECT_EQ(x, 1.0f);
-      // A clean push from the same clock goes through.
+      // A clean push from the same clock goes through, and is not counted.
       gw[123] = gw[999] = 1.0f;
       ASSERT_TRUE(client->Push({{"w", gw}, {"b", gb}}, true).Wait().ok());
       ASSERT_TRUE(client->Pull({{"w", w}, {"b", b}}).Wait().ok());
       for (float x : w) ASSERT_EQ(x, 0.5f);
+      EXPECT_EQ(nan_updates(*client), 1u);
+      // A second poisoned push, this time in b: refused, counted.
+      gb[0] = -inf;
+      Status s2 = client->Push({{"w", gw}, {"b", gb}}, true).Wait();
+      EXPECT_EQ(s2.code(), StatusCode::kInvalidArgument) << s2;
+      client->set_clock(client->clock() - 1);
+      EXPECT_EQ(nan_updates(*client), 2u);
     } else {
       EXPECT_TRUE(s.ok()) << s;
       for (float x : b) EXPECT_EQ(x, 0.5f);
+      // Both variables poisoned: both updates skipped, both counted.
+      gb[0] = nan;
+      ASSERT_TRUE(client->Push({{"w", gw}, {"b", gb}}, true).Wait().ok());
+      ASSERT_TRUE(client->Pull({{"w", w}, {"b", b}}).Wait().ok());
+      for (float x : w) ASSERT_EQ(x, 1.0f);
+      for (float x : b) ASSERT_EQ(x, 0.5f);
+      EXPECT_EQ(nan_updates(*client), 3u);
     }
+    // Parameters never start poisoned either: initial values with NaN/Inf
+    // are refused (and not counted: they are not gradients).
+    std::vector<float> init(4, 0.5f);
+    init[2] = inf;
+    VariableOptions iv = Sgd(0.1);
+    iv.initial_values = init;
+    Status created = client->CreateVariable("poisoned_init", DType::kF32, Shape({4}), iv);
+    EXPECT_EQ(created.code(), StatusCode::kInvalidArgument) << created;
+    EXPECT_NE(created.message().find("1 of 4 initial values are NaN/Inf"), std::string::npos)
+        << created;
+    init[2] = 0.5f;
+    ASSERT_TRUE(client->CreateVariable("poisoned_init", DType::kF32, Shape({4}), iv).ok());
+    const uint64_t expected = policy == "reject" ? 2 : 3;
+    // The Prometheus counter (published as it changes) ...
+    testing::HttpResponse m = testing::HttpRequest(metrics_port, "/metrics");
+    ASSERT_EQ(m.status, 200);
+    auto prom = testing::ParsePrometheusText(m.body);
+    EXPECT_EQ(prom.Value("distval_ps_nan_updates_total", {{"shard", "0"}}),
+              std::optional<double>(static_cast<double>(expected)))
+        << m.body;
+    // ... and distval-ctl status.
+    auto r = testing::RunProcess(
+        {testing::BinaryFromEnv("DISTVAL_CTL_BIN"), "--ps", cluster->endpoints()[0], "status"},
+        cluster->LogPath(0) + ".ctl", 30);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("nan/inf updates refused or skipped: " + std::to_string(expected)),
+              std::string::npos)
+        << r.output;
     const std::string log = testing::ReadFile(cluster->LogPath(0));
     EXPECT_NE(log.find("gradient with NaN/Inf from worker 0 at clock 0 for 'w'"), std::string::npos)
         << log;
@@ -700,7 +757,7 @@ bool Disruptive(const protocol::Request& r) {
 // running, and a worker then trains exactly.
 TEST(ReliabilityTest, HostileFramesNeitherCrashNorPoisonTheServer) {
   LocalClusterOptions co;
-  co.extra_args = {"--max-frames", "8", "--max-variables", "64"};
+  co.extra_args = {"--max-frames", "8", "--max-variables", "64", "--max-variable-bytes", "4096"};
   auto cluster = LocalCluster::Start(co);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   {
@@ -816,6 +873,12 @@ TEST(ReliabilityTest, HostileFramesNeitherCrashNorPoisonTheServer) {
   for (int step = 0; step < 20; ++step) ASSERT_TRUE(client->Push({{"fresh", g}}, true).Wait().ok());
   ASSERT_TRUE(client->Pull({{"fresh", p}}).Wait().ok());
   for (float x : p) EXPECT_EQ(x, -2.5f);
+  // --max-variable-bytes 4096: a larger variable is refused before it is
+  // allocated (so that no request can make the server allocate at will).
+  Status big = client->CreateVariable("big", DType::kF32, Shape({1025}), vo);
+  EXPECT_EQ(big.code(), StatusCode::kResourceExhausted) << big;
+  EXPECT_NE(big.message().find("--max-variable-bytes"), std::string::npos) << big;
+  ASSERT_TRUE(client->CreateVariable("not_big", DType::kF32, Shape({1024}), vo).ok());
   auto stats = client->Stats();
   ASSERT_TRUE(stats.ok()) << stats.status();
   const size_t held = (*stats)[0].variables.size();

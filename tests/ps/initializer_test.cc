@@ -186,6 +186,10 @@ TEST(InitializerTest, Errors) {
   expect_invalid(Make(protocol::InitUniform{1.0, -1.0}), {0, 2}, out, {}, "low");
   expect_invalid(Make(protocol::InitNormal{0.0, -1.0}), {0, 2}, out, {}, "stddev");
   expect_invalid(Make(protocol::InitConstant{INFINITY}), {0, 2}, out, {}, "value");
+  // Finite doubles that are Inf as floats.
+  expect_invalid(Make(protocol::InitConstant{1e39}), {0, 2}, out, {}, "fit a float");
+  expect_invalid(Make(protocol::InitUniform{-1e39, 0.0}), {0, 2}, out, {}, "fit a float");
+  expect_invalid(Make(protocol::InitNormal{0.0, 1e300}), {0, 2}, out, {}, "stddev");
   protocol::InitValues values;
   values.values.shape = {2, 3};
   std::vector<float> given(5);

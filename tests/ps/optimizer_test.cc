@@ -356,6 +356,17 @@ TEST(OptimizerTest, InvalidSpecsNameTheField) {
       {with(OptimizerKind::kAdam, [](auto& s) { s.weight_decay = 0.01; }), "weight_decay"});
   bad.push_back(
       {with(OptimizerKind::kSgd, [](auto& s) { s.kind = static_cast<OptimizerKind>(9); }), "kind"});
+  // Finite doubles that do not survive the conversion to float (the server
+  // fuzzer found parameters turned -Inf by a learning rate of 1e39): above
+  // FLT_MAX they become Inf, an epsilon below FLT_MIN is 0 under FTZ.
+  bad.push_back(
+      {with(OptimizerKind::kMomentum, [](auto& s) { s.learning_rate = 1e39; }), "learning_rate"});
+  bad.push_back({with(OptimizerKind::kAdam, [](auto& s) { s.epsilon = 1e-300; }), "epsilon"});
+  bad.push_back({with(OptimizerKind::kAdagrad, [](auto& s) { s.epsilon = 1e-40; }), "epsilon"});
+  bad.push_back(
+      {with(OptimizerKind::kAdamW, [](auto& s) { s.weight_decay = 1e300; }), "weight_decay"});
+  bad.push_back({with(OptimizerKind::kAdagrad, [](auto& s) { s.initial_accumulator = 1e39; }),
+                 "initial_accumulator"});
   for (const Bad& b : bad) {
     auto opt = Optimizer::Create(b.spec, Shape{2});
     ASSERT_FALSE(opt.ok()) << b.field;
@@ -375,6 +386,10 @@ TEST(OptimizerTest, SetLearningRateRejectsNegative) {
   Status s = (*opt)->SetLearningRate(-1);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("learning_rate"), std::string::npos);
+  EXPECT_EQ((*opt)->learning_rate(), 0.1);
+  s = (*opt)->SetLearningRate(1e39);  // finite, but Inf as a float
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("fit a float"), std::string::npos) << s;
   EXPECT_EQ((*opt)->learning_rate(), 0.1);
   // The new rate is what the next apply uses.
   ASSERT_TRUE((*opt)->SetLearningRate(0.5).ok());

@@ -174,6 +174,16 @@ TEST(VariableStoreTest, ValuesInitializerAndScalar) {
   ASSERT_TRUE(VariableStore::ValidateDensePayload(**s, {0, 1}, DType::kF32, {}).ok());
   ASSERT_TRUE(VariableStore::ApplyDense(**s, {0, 1}, &g, 1.0f, 1.0f).ok());
   EXPECT_EQ(ReadAll(**s), std::vector<float>{0.0f});  // 1 - 0.5 * 2
+  // A scalar's only rows are [0, 1), and it has none to address sparsely
+  // (the server fuzzer found both answered with a frame no client decodes).
+  ExpectError(VariableStore::ValidateDenseRange(**s, {1, 1}), StatusCode::kInvalidArgument,
+              {"'scalar'", "is a scalar", "[1, 1)"});
+  ExpectError(VariableStore::ValidateDenseRange(**s, {0, 0}), StatusCode::kInvalidArgument,
+              {"[0, 0)"});
+  const std::vector<int64_t> two{2};
+  ExpectError(VariableStore::ValidateSparseIndices(**s, DType::kI64, two),
+              StatusCode::kInvalidArgument, {"'scalar'", "is a scalar"});
+  EXPECT_TRUE(VariableStore::ValidateSparseIndices(**v, DType::kI64, two).ok());
 }
 
 TEST(VariableStoreTest, DenseApplyOnSubrangeBumpsVersion) {

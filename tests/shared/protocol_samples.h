@@ -175,6 +175,7 @@ inline std::vector<SampleReply> SampleReplies() {
     stats.variables = {{"dense_1/kernel", {392, 784}, 392 * 256 * 4, 12, 0.001},
                        {"embedding", {0, 1000}, 1000 * 16 * 4, 9, 0.01}};
     stats.last_checkpoint = "/tmp/ckpt/clock-40";
+    stats.nan_updates = 3;
     add("reply_stats", StatusCode::kOk, "", std::move(stats));
   }
   return out;

@@ -500,6 +500,45 @@ TEST(ProtocolTest, TextBeyondTheLimitIsRejected) {
   ExpectInvalid(DecodeReplyStatus(EncodeReply(reply), {}, limits), "reply.message: text of 38");
 }
 
+// Text is UTF-8 (names end up in checkpoint manifests, which are JSON: a
+// variable named with a lone 0xFF byte once made the next checkpoint throw
+// and stopped the server). Malformed text is refused where it is decoded;
+// a reply message is repaired when it is encoded instead.
+TEST(ProtocolTest, TextMustBeUtf8) {
+  Request r;
+  r.request_id = 1;
+  for (const std::string& bad : {std::string("w\xff"), std::string("\xc0\xaf"),  // overlong '/'
+                                 std::string("\xed\xa0\x80"),                    // surrogate
+                                 std::string("\xf4\x90\x80\x80"),                // > U+10FFFF
+                                 std::string("ab\xe2\x82")}) {                   // cut short
+    SCOPED_TRACE(bad);
+    VariableSpec spec = samples::SampleSpec(Initializer{});
+    spec.name = bad;
+    r.body = CreateVariable{spec, RowRange{0, 1}};
+    ExpectInvalid(DecodeRequestStatus(EncodeRequest(r), {}),
+                  "create_variable.spec.name: text is not valid UTF-8");
+    r.body = Barrier{bad};
+    ExpectInvalid(DecodeRequestStatus(EncodeRequest(r), {}), "barrier.name: text is not valid");
+  }
+  for (const std::string& good :
+       {std::string("plain"), std::string("caf\xc3\xa9/\xe2\x82\xac"),
+        std::string("\xf0\x9f\x98\x80"), std::string("\xf4\x8f\xbf\xbf")}) {
+    r.body = Barrier{good};
+    auto decoded = DecodeRequest(EncodeRequest(r), {});
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(std::get<Barrier>(decoded->body).name, good);
+  }
+  Reply reply;
+  reply.code = StatusCode::kNotFound;
+  reply.message = "no variable 'a\xff\xfe' \xe2\x82";
+  auto decoded = DecodeReply(EncodeReply(reply), {});
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->message,
+            "no variable 'a?"
+            "?' ?"
+            "?");
+}
+
 TEST(ProtocolTest, TraversalAndNestingLimitsApply) {
   const auto s = SampleRequests();
   const auto& create = *std::find_if(

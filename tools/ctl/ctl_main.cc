@@ -58,6 +58,8 @@ void PrintStatus(const std::vector<protocol::StatsReply>& shards) {
     std::printf("shard %d: staleness %s, last checkpoint %s\n", s.shard_index,
                 StalenessText(s.staleness).c_str(),
                 s.last_checkpoint.empty() ? "(none)" : s.last_checkpoint.c_str());
+    std::printf("  nan/inf updates refused or skipped: %llu\n",
+                static_cast<unsigned long long>(s.nan_updates));
     int live = 0;
     for (const auto& w : s.workers) live += w.live;
     std::printf("  workers: %d live of %zu\n", live, s.workers.size());

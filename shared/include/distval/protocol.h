@@ -264,6 +264,9 @@ struct StatsReply {
   std::vector<WorkerState> workers;
   std::vector<VariableState> variables;
   std::string last_checkpoint;
+  // Updates (one variable of one push) this shard refused or skipped since
+  // it started because their gradient held NaN or Inf (--nan-policy).
+  uint64_t nan_updates = 0;
   friend bool operator==(const StatsReply&, const StatsReply&) = default;
 };
 
