@@ -229,10 +229,25 @@ Status ConsistencyController::OnHeartbeat(int32_t worker) {
   return OkStatus();
 }
 
+Status ConsistencyController::CheckPush(int32_t worker, int64_t clock) const {
+  DV_RETURN_IF_ERROR(CheckLiveWorker(worker));
+  const Worker& w = workers_[static_cast<size_t>(worker)];
+  if (clock < 0) {
+    return InvalidArgumentError("push from worker " + std::to_string(worker) +
+                                " has a negative clock " + std::to_string(clock));
+  }
+  if (clock < w.clock) {
+    return FailedPreconditionError("push from worker " + std::to_string(worker) + " is for clock " +
+                                   std::to_string(clock) + " but its clock is already " +
+                                   std::to_string(w.clock) + " (that step is finished)");
+  }
+  return OkStatus();
+}
+
 StatusOr<PushPlan> ConsistencyController::OnPush(int32_t worker, int64_t clock,
                                                  std::span<const std::string_view> variables,
                                                  bool advance_clock) {
-  DV_RETURN_IF_ERROR(CheckLiveWorker(worker));
+  DV_RETURN_IF_ERROR(CheckPush(worker, clock));
   Worker& w = workers_[static_cast<size_t>(worker)];
   if (clock < 0) {
     return InvalidArgumentError("push from worker " + std::to_string(worker) +

@@ -282,6 +282,9 @@ class ConsistencyController {
   // the updates per plan.routes BEFORE acting on plan.events (they may
   // complete `clock` itself). FailedPrecondition if clock is below the
   // worker's clock (a step already finished); InvalidArgument if negative.
+  // The errors OnPush(worker, clock, ...) would return, without changing
+  // anything (so that a push can be applied before it is routed).
+  Status CheckPush(int32_t worker, int64_t clock) const;
   StatusOr<PushPlan> OnPush(int32_t worker, int64_t clock,
                             std::span<const std::string_view> variables, bool advance_clock);
 

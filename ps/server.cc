@@ -785,9 +785,26 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   std::vector<bool> poisoned(push.updates.size(), false);
   std::string poisoned_names;
   size_t num_poisoned = 0;
+  // A co-located worker's gradient still being copied in, for a plain SGD
+  // variable applied at once: checked piece by piece as it arrives and
+  // applied out of place, all or nothing (below), instead of waiting for all
+  // of it, checking it, then applying it (three passes over memory, one).
+  const protocol::Update* checked_streaming = nullptr;
+  if (options_.nan_policy != NanPolicy::kAllow && push.updates.size() == 1 &&
+      !stale_aware_lr_) {
+    const auto& u = push.updates[0];
+    const Frame& frame = msg[u.values.frame];
+    auto found = store_.Find(u.variable);
+    if (found.ok() && frame.streaming() && u.values.encoding == protocol::Encoding::kRaw &&
+        u.values.dtype == DType::kF32 && std::holds_alternative<protocol::RowRange>(u.rows) &&
+        frame.window_limit() >= sizeof(float) &&
+        VariableStore::SupportsCheckedStreaming(**found) &&
+        (req.worker_id < 0 || controller_->EffectiveStaleness(u.variable, req.clock) != 0))
+      checked_streaming = &u;
+  }
   for (size_t i = 0; i < push.updates.size(); ++i) {
     const auto& u = push.updates[i];
-    if (options_.nan_policy != NanPolicy::kAllow) {
+    if (options_.nan_policy != NanPolicy::kAllow && checked_streaming != &u) {
       // The whole gradient must be here to be checked.
       DV_ASSIGN_OR_RETURN(msg[u.values.frame], msg[u.values.frame].Materialized());
       const size_t bad = protocol::CountNonFinite(msg[u.values.frame].bytes(), u.values.encoding);
@@ -815,6 +832,40 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
           *v, static_cast<int64_t>(sparse_rows[i].size()), u.values.dtype, shape));
     }
     vars.push_back(v);
+  }
+  bool applied_early = false;
+  if (checked_streaming != nullptr) {
+    // The controller's errors first (nothing may be applied for a push it
+    // refuses); it routes the push after the apply.
+    if (req.worker_id >= 0) DV_RETURN_IF_ERROR(controller_->CheckPush(req.worker_id, req.clock));
+    const auto& u = *checked_streaming;
+    Frame& frame = msg[u.values.frame];
+    const auto range = std::get<protocol::RowRange>(u.rows);
+    const int64_t piece =
+        static_cast<int64_t>(std::min<size_t>(frame.window_limit(), 256 * 1024) / sizeof(float));
+    size_t bad = 0;
+    ApplyTimer timer(options_.telemetry, req.clock, req.worker_id);
+    timer.Arm();
+    Status s = VariableStore::ApplyDenseCheckedStreaming(
+        *vars[0], range, piece,
+        [&frame](int64_t begin, int64_t n) -> StatusOr<const float*> {
+          DV_ASSIGN_OR_RETURN(const std::byte* p,
+                              frame.Window(static_cast<size_t>(begin) * sizeof(float),
+                                           static_cast<size_t>(n) * sizeof(float)));
+          return reinterpret_cast<const float*>(p);
+        },
+        1.0f, 1.0f, runner_, &bad);
+    // The sender died mid-copy: nothing was applied.
+    if (!s.ok())
+      return s.WithContext("gradient for '" + u.variable + "' (nothing of it applied)");
+    if (bad > 0) {
+      poisoned[0] = true;
+      ++num_poisoned;
+      poisoned_names = "'" + u.variable + "' (" + std::to_string(bad) + " of " +
+                       std::to_string(u.values.num_elements()) + " values, or more)";
+    } else {
+      applied_early = true;
+    }
   }
   if (num_poisoned > 0) {
     nan_updates_ += num_poisoned;
@@ -875,6 +926,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   // 4. Apply (or keep) it, then act on what the push completed.
   for (size_t k = 0; k < kept.size(); ++k) {
     const size_t i = kept[k];
+    if (applied_early) continue;  // the one update, applied above
     const auto& u = push.updates[i];
     Variable* v = vars[i];
     Frame& frame = msg[u.values.frame];

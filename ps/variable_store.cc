@@ -8,6 +8,7 @@
 #include <sstream>
 #include <utility>
 
+#include "distval/encoding.h"
 #include "initializer.h"
 
 namespace distval::ps {
@@ -393,6 +394,65 @@ Status VariableStore::ApplyDenseStreaming(
   }
   v.version_.fetch_add(1, std::memory_order_release);
   return status;
+}
+
+bool VariableStore::SupportsCheckedStreaming(const Variable& v) {
+  return v.spec().optimizer.kind == protocol::OptimizerKind::kSgd;
+}
+
+Status VariableStore::ApplyDenseCheckedStreaming(
+    Variable& v, RowRange rows, int64_t piece,
+    const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch, float grad_scale,
+    float lr_scale, const RangeRunner& runner, size_t* non_finite) {
+  *non_finite = 0;
+  if (piece < 1) return InvalidArgumentError("streaming apply: piece must be >= 1");
+  if (!SupportsCheckedStreaming(v))
+    return FailedPreconditionError("checked streaming apply needs an optimizer without state");
+  DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
+  std::unique_lock lock(v.mu_);
+  const int64_t begin = v.LocalOffset(rows.begin);
+  const int64_t end = v.LocalOffset(rows.end);
+  // Always out of place: the parameters stay as they are until it is known
+  // that the whole gradient is finite.
+  if (!v.spare_ || v.spare_.use_count() != 1) v.spare_ = NewBuffer(v.allocator_, v.shard_shape_);
+  AcquireAfterUseCount();
+  const float* in = v.params_->data_as<float>();
+  float* out = v.spare_->data_as<float>();
+  Optimizer& opt = *v.optimizer_;
+  const int64_t step_before = opt.step();
+  opt.BeginStep();
+  int64_t done = 0;
+  while (done < end - begin) {
+    const int64_t n = std::min(piece, end - begin - done);
+    StatusOr<const float*> grad = fetch(done, n);
+    if (!grad.ok()) {
+      opt.set_step(step_before);
+      return grad.status();
+    }
+    const float* g = *grad;
+    *non_finite +=
+        protocol::CountNonFinite(std::span<const std::byte>(reinterpret_cast<const std::byte*>(g),
+                                                            static_cast<size_t>(n) * sizeof(float)),
+                                 protocol::Encoding::kRaw);
+    if (*non_finite > 0) {
+      opt.set_step(step_before);
+      return OkStatus();
+    }
+    const int64_t b = begin + done;
+    if (runner) {
+      runner(n, [&](int64_t lo, int64_t hi) {
+        opt.ApplyDense(in, out, g + lo, b + lo, b + hi, grad_scale, lr_scale);
+      });
+    } else {
+      opt.ApplyDense(in, out, g, b, b + n, grad_scale, lr_scale);
+    }
+    done += n;
+  }
+  CopyElements(in, out, 0, begin);
+  CopyElements(in, out, end, v.num_elements());
+  std::swap(v.params_, v.spare_);
+  v.version_.fetch_add(1, std::memory_order_release);
+  return OkStatus();
 }
 
 Status VariableStore::ApplySparse(Variable& v, std::span<const int64_t> global_rows,

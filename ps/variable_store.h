@@ -215,6 +215,20 @@ class VariableStore {
       Variable& v, protocol::RowRange rows, int64_t piece,
       const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch,
       float grad_scale, float lr_scale, const RangeRunner& runner = {});
+  // As ApplyDenseStreaming, all or nothing: each piece is checked for NaN /
+  // +-Inf as it comes (while it is in cache) and applied out of place, into
+  // the spare buffer; the result replaces the parameters only once the whole
+  // gradient is there and finite. Otherwise nothing changes (parameters,
+  // optimizer step, version) and *non_finite (when the gradient had NaN/Inf)
+  // or the fetch error says why. Only for optimizers without state
+  // (SupportsCheckedStreaming): FailedPrecondition for the others.
+  static Status ApplyDenseCheckedStreaming(
+      Variable& v, protocol::RowRange rows, int64_t piece,
+      const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch,
+      float grad_scale, float lr_scale, const RangeRunner& runner, size_t* non_finite);
+  // True when v's optimizer keeps no state besides the parameters (plain
+  // SGD), so that an update can be computed out of place and dropped.
+  static bool SupportsCheckedStreaming(const Variable& v);
   // Applies grad_rows (global_rows.size() rows) to the listed global rows;
   // duplicates are summed, only listed rows change (see optimizer.h). Errors:
   // those of ValidateSparseRows.

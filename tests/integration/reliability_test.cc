@@ -258,6 +258,54 @@ TEST(ReliabilityTest, KillDuringCheckpointWritesAlwaysLeavesALoadableOne) {
 
 // NaN / Inf gradients: rejected by default (parameters unchanged, the clock
 // not advanced), skipped per variable with --nan-policy skip.
+// A co-located worker's large gradient streams in through shared memory;
+// for a plain SGD variable applied at once (async) the server checks it
+// piece by piece as it arrives and applies it out of place: a NaN or Inf
+// anywhere, even in the last piece, leaves the parameters untouched.
+TEST(ReliabilityTest, CoLocatedStreamedGradientsAreCheckedAllOrNothing) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  constexpr int64_t kN = int64_t{1} << 20;  // 4 MiB: more than one ring's worth
+  for (const std::string policy : {"reject", "skip"}) {
+    SCOPED_TRACE(policy);
+    LocalClusterOptions co;
+    co.staleness = "async";
+    co.extra_args = {"--nan-policy", policy};
+    auto cluster = LocalCluster::Start(co);
+    ASSERT_TRUE(cluster.ok()) << cluster.status();
+    auto client = Connect(*cluster);
+    ASSERT_NE(client, nullptr);
+    VariableOptions vo = Sgd(0.5);
+    vo.initializer = {0, protocol::InitConstant{1.0}};
+    ASSERT_TRUE(client->CreateVariable("big", DType::kF32, Shape({kN}), vo).ok());
+    std::vector<float> g(static_cast<size_t>(kN), 1.0f), w(static_cast<size_t>(kN));
+    int refused = 0;
+    for (int64_t at : {kN - 1, int64_t{0}, kN / 2}) {
+      g[static_cast<size_t>(at)] = at == 0 ? inf : nan;
+      Status st = client->Push({{"big", g}}, true).Wait();
+      g[static_cast<size_t>(at)] = 1.0f;
+      if (policy == "reject") {
+        EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+        EXPECT_NE(st.message().find("'big'"), std::string::npos) << st;
+        client->set_clock(client->clock() - 1);  // not advanced on the server
+      } else {
+        EXPECT_TRUE(st.ok()) << st;
+      }
+      ++refused;
+      ASSERT_TRUE(client->Pull({{"big", w}}).Wait().ok());
+      for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(w[static_cast<size_t>(i)], 1.0f) << "at " << i;
+    }
+    ASSERT_TRUE(client->Push({{"big", g}}, true).Wait().ok());
+    ASSERT_TRUE(client->Pull({{"big", w}}).Wait().ok());
+    for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(w[static_cast<size_t>(i)], 0.5f) << "at " << i;
+    auto stats = client->Stats();
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    EXPECT_EQ(stats->front().nan_updates, static_cast<uint64_t>(refused));
+    // It did go through shared memory.
+    EXPECT_GT(client->stats().shared_memory_bytes, 4 * kN * 4);
+  }
+}
+
 TEST(ReliabilityTest, NanGradientsNeverPoisonParameters) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();

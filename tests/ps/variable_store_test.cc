@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -504,6 +505,59 @@ TEST(VariableStoreTest, ConcurrentCreateOfTheSameVariable) {
     EXPECT_EQ(got[0], got[1]);
     EXPECT_EQ(store.size(), 1u);
     EXPECT_EQ(store.TotalBytes(), 256u * 64 * 4);
+  }
+}
+
+// The checked streaming apply: all or nothing. A NaN in any piece, or a
+// fetch that fails half way, leaves parameters, version and optimizer step
+// as they were; a finite gradient gives what ApplyDense gives.
+TEST(VariableStoreTest, CheckedStreamingApplyIsAllOrNothing) {
+  VariableStore store;
+  VariableSpec spec = SgdSpec("w", {10, 4});
+  auto created = store.Create(spec, {0, 10}, nullptr);
+  ASSERT_TRUE(created.ok()) << created.status();
+  Variable& v = **created;
+  ASSERT_TRUE(VariableStore::SupportsCheckedStreaming(v));
+  std::vector<float> before(40), after(40), grad(40, 0.25f);
+  ASSERT_TRUE(VariableStore::ReadDense(v, {0, 10}, before.data()).ok());
+  auto fetch_from = [](const std::vector<float>& g, int64_t fail_at) {
+    return [&g, fail_at](int64_t begin, int64_t n) -> StatusOr<const float*> {
+      if (fail_at >= 0 && begin + n > fail_at) return UnavailableError("sender gone");
+      return g.data() + begin;
+    };
+  };
+  auto unchanged = [&](const char* what) {
+    SCOPED_TRACE(what);
+    EXPECT_EQ(v.version(), 0u);
+    ASSERT_TRUE(VariableStore::ReadDense(v, {0, 10}, after.data()).ok());
+    EXPECT_EQ(after, before);
+  };
+  size_t bad = 0;
+  // NaN in the last piece (pieces of 8 elements).
+  grad[39] = std::numeric_limits<float>::quiet_NaN();
+  ASSERT_TRUE(VariableStore::ApplyDenseCheckedStreaming(v, {0, 10}, 8, fetch_from(grad, -1), 1.0f,
+                                                        1.0f, {}, &bad)
+                  .ok());
+  EXPECT_EQ(bad, 1u);
+  unchanged("nan");
+  grad[39] = 0.25f;
+  // The sender goes away after two pieces.
+  Status gone = VariableStore::ApplyDenseCheckedStreaming(v, {0, 10}, 8, fetch_from(grad, 20), 1.0f,
+                                                          1.0f, {}, &bad);
+  EXPECT_EQ(gone.code(), StatusCode::kUnavailable) << gone;
+  unchanged("fetch failed");
+  // A snapshot lent meanwhile keeps its values.
+  ParamsSnapshot lent = VariableStore::Snapshot(v);
+  ASSERT_TRUE(VariableStore::ApplyDenseCheckedStreaming(v, {2, 6}, 8, fetch_from(grad, -1), 1.0f,
+                                                        1.0f, {}, &bad)
+                  .ok());
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(v.version(), 1u);
+  ASSERT_TRUE(VariableStore::ReadDense(v, {0, 10}, after.data()).ok());
+  for (int i = 0; i < 40; ++i) {
+    const bool in_range = i >= 8 && i < 24;
+    EXPECT_EQ(after[i], in_range ? before[i] - 0.5f * 0.25f : before[i]) << i;
+    EXPECT_EQ(lent.params->data_as<float>()[i], before[i]) << i;
   }
 }
 
