@@ -83,9 +83,12 @@ struct ServerOptions {
   // Borrowed: must outlive the server. Called on the dispatcher thread.
   ServerTelemetry* telemetry = nullptr;
 
-  // Gradients with NaN / Inf. Checking means waiting for a co-located
-  // worker's gradient to arrive completely before it is acknowledged (no
-  // streaming apply).
+  // Gradients with NaN / Inf. A checked gradient is acknowledged only once
+  // all of it has arrived and been checked. A co-located worker's gradient
+  // for a plain SGD variable applied at once (async / SSP) is checked piece
+  // by piece as it streams in and applied out of place, all or nothing;
+  // other co-located gradients are read in completely, checked, then
+  // applied.
   NanPolicy nan_policy = NanPolicy::kReject;
 
   // ---- Checkpoints (see checkpoint.h for the format).
