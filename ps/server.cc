@@ -846,7 +846,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     size_t bad = 0;
     ApplyTimer timer(options_.telemetry, req.clock, req.worker_id);
     timer.Arm();
-    Status s = VariableStore::ApplyDenseCheckedStreaming(
+    Status s = VariableStore::ApplyDenseStreaming(
         *vars[0], range, piece,
         [&frame](int64_t begin, int64_t n) -> StatusOr<const float*> {
           DV_ASSIGN_OR_RETURN(const std::byte* p,

@@ -156,6 +156,15 @@ std::shared_ptr<Tensor> NewBuffer(const VariableStore::BufferAllocator& allocato
   return std::make_shared<Tensor>(DType::kF32, shape);
 }
 
+// Into the spare buffer (made when there is none or it is still lent).
+WriteTarget PrepareOutOfPlace(std::shared_ptr<Tensor>& params, std::shared_ptr<Tensor>& spare,
+                              const Shape& shard_shape,
+                              const VariableStore::BufferAllocator& allocator) {
+  if (!spare || spare.use_count() != 1) spare = NewBuffer(allocator, shard_shape);
+  AcquireAfterUseCount();
+  return {params->data_as<float>(), spare->data_as<float>(), true};
+}
+
 WriteTarget PrepareWrite(std::shared_ptr<Tensor>& params, std::shared_ptr<Tensor>& spare,
                          const Shape& shard_shape,
                          const VariableStore::BufferAllocator& allocator) {
@@ -164,9 +173,7 @@ WriteTarget PrepareWrite(std::shared_ptr<Tensor>& params, std::shared_ptr<Tensor
     AcquireAfterUseCount();
     return {current, current, false};
   }
-  if (!spare || spare.use_count() != 1) spare = NewBuffer(allocator, shard_shape);
-  AcquireAfterUseCount();
-  return {current, spare->data_as<float>(), true};
+  return PrepareOutOfPlace(params, spare, shard_shape, allocator);
 }
 
 void CopyElements(const float* from, float* to, int64_t begin, int64_t end) {
@@ -354,18 +361,27 @@ Status VariableStore::ApplyDense(Variable& v, RowRange rows, const float* grad, 
 Status VariableStore::ApplyDenseStreaming(
     Variable& v, RowRange rows, int64_t piece,
     const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch, float grad_scale,
-    float lr_scale, const RangeRunner& runner) {
+    float lr_scale, const RangeRunner& runner, size_t* non_finite) {
+  const bool checked = non_finite != nullptr;
+  if (checked) *non_finite = 0;
   if (piece < 1) return InvalidArgumentError("streaming apply: piece must be >= 1");
+  if (checked && !SupportsCheckedStreaming(v))
+    return FailedPreconditionError("checked streaming apply needs an optimizer without state");
   DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
   std::unique_lock lock(v.mu_);
   const int64_t begin = v.LocalOffset(rows.begin);
   const int64_t end = v.LocalOffset(rows.end);
-  const WriteTarget t = PrepareWrite(v.params_, v.spare_, v.shard_shape_, v.allocator_);
+  // Checked: always out of place, so that the parameters stay as they are
+  // until the whole gradient is known to be finite.
+  const WriteTarget t = checked
+                            ? PrepareOutOfPlace(v.params_, v.spare_, v.shard_shape_, v.allocator_)
+                            : PrepareWrite(v.params_, v.spare_, v.shard_shape_, v.allocator_);
   if (t.swap) {
     CopyElements(t.in, t.out, 0, begin);
     CopyElements(t.in, t.out, end, v.num_elements());
   }
   Optimizer& opt = *v.optimizer_;
+  const int64_t step_before = opt.step();
   opt.BeginStep();
   Status status;
   int64_t done = 0;  // elements of the range applied
@@ -377,6 +393,13 @@ Status VariableStore::ApplyDenseStreaming(
       break;
     }
     const float* g = *grad;
+    if (checked) {
+      *non_finite += protocol::CountNonFinite(
+          std::span<const std::byte>(reinterpret_cast<const std::byte*>(g),
+                                     static_cast<size_t>(n) * sizeof(float)),
+          protocol::Encoding::kRaw);
+      if (*non_finite > 0) break;
+    }
     const int64_t b = begin + done;
     if (runner) {
       runner(n, [&](int64_t lo, int64_t hi) {
@@ -386,6 +409,11 @@ Status VariableStore::ApplyDenseStreaming(
       opt.ApplyDense(t.in, t.out, g, b, b + n, grad_scale, lr_scale);
     }
     done += n;
+  }
+  if (checked && done < end - begin) {
+    // All or nothing: drop the spare's contents, undo the step.
+    opt.set_step(step_before);
+    return status;
   }
   // Out of place, the elements never reached keep their old values.
   if (t.swap) {
@@ -398,61 +426,6 @@ Status VariableStore::ApplyDenseStreaming(
 
 bool VariableStore::SupportsCheckedStreaming(const Variable& v) {
   return v.spec().optimizer.kind == protocol::OptimizerKind::kSgd;
-}
-
-Status VariableStore::ApplyDenseCheckedStreaming(
-    Variable& v, RowRange rows, int64_t piece,
-    const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch, float grad_scale,
-    float lr_scale, const RangeRunner& runner, size_t* non_finite) {
-  *non_finite = 0;
-  if (piece < 1) return InvalidArgumentError("streaming apply: piece must be >= 1");
-  if (!SupportsCheckedStreaming(v))
-    return FailedPreconditionError("checked streaming apply needs an optimizer without state");
-  DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
-  std::unique_lock lock(v.mu_);
-  const int64_t begin = v.LocalOffset(rows.begin);
-  const int64_t end = v.LocalOffset(rows.end);
-  // Always out of place: the parameters stay as they are until it is known
-  // that the whole gradient is finite.
-  if (!v.spare_ || v.spare_.use_count() != 1) v.spare_ = NewBuffer(v.allocator_, v.shard_shape_);
-  AcquireAfterUseCount();
-  const float* in = v.params_->data_as<float>();
-  float* out = v.spare_->data_as<float>();
-  Optimizer& opt = *v.optimizer_;
-  const int64_t step_before = opt.step();
-  opt.BeginStep();
-  int64_t done = 0;
-  while (done < end - begin) {
-    const int64_t n = std::min(piece, end - begin - done);
-    StatusOr<const float*> grad = fetch(done, n);
-    if (!grad.ok()) {
-      opt.set_step(step_before);
-      return grad.status();
-    }
-    const float* g = *grad;
-    *non_finite +=
-        protocol::CountNonFinite(std::span<const std::byte>(reinterpret_cast<const std::byte*>(g),
-                                                            static_cast<size_t>(n) * sizeof(float)),
-                                 protocol::Encoding::kRaw);
-    if (*non_finite > 0) {
-      opt.set_step(step_before);
-      return OkStatus();
-    }
-    const int64_t b = begin + done;
-    if (runner) {
-      runner(n, [&](int64_t lo, int64_t hi) {
-        opt.ApplyDense(in, out, g + lo, b + lo, b + hi, grad_scale, lr_scale);
-      });
-    } else {
-      opt.ApplyDense(in, out, g, b, b + n, grad_scale, lr_scale);
-    }
-    done += n;
-  }
-  CopyElements(in, out, 0, begin);
-  CopyElements(in, out, end, v.num_elements());
-  std::swap(v.params_, v.spare_);
-  v.version_.fetch_add(1, std::memory_order_release);
-  return OkStatus();
 }
 
 Status VariableStore::ApplySparse(Variable& v, std::span<const int64_t> global_rows,

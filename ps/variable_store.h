@@ -211,21 +211,19 @@ class VariableStore {
   // fetch fails, the pieces applied so far stay applied (the step and the
   // version count), the rest of the range keeps its values, and fetch's
   // error is returned. InvalidArgument for piece < 1.
+  // Checked (non_finite not null): all or nothing. Each piece is also
+  // checked for NaN / +-Inf as it comes (while it is in cache), and the
+  // update is written out of place, into the spare buffer, which replaces
+  // the parameters only once the whole gradient is there and finite.
+  // Otherwise nothing changes (parameters, optimizer step, version), and
+  // *non_finite > 0 (it stops counting at the first bad piece) or the fetch
+  // error says why. Only for optimizers without state
+  // (SupportsCheckedStreaming): FailedPrecondition for the others.
   static Status ApplyDenseStreaming(
       Variable& v, protocol::RowRange rows, int64_t piece,
       const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch,
-      float grad_scale, float lr_scale, const RangeRunner& runner = {});
-  // As ApplyDenseStreaming, all or nothing: each piece is checked for NaN /
-  // +-Inf as it comes (while it is in cache) and applied out of place, into
-  // the spare buffer; the result replaces the parameters only once the whole
-  // gradient is there and finite. Otherwise nothing changes (parameters,
-  // optimizer step, version) and *non_finite (when the gradient had NaN/Inf)
-  // or the fetch error says why. Only for optimizers without state
-  // (SupportsCheckedStreaming): FailedPrecondition for the others.
-  static Status ApplyDenseCheckedStreaming(
-      Variable& v, protocol::RowRange rows, int64_t piece,
-      const std::function<StatusOr<const float*>(int64_t begin, int64_t n)>& fetch,
-      float grad_scale, float lr_scale, const RangeRunner& runner, size_t* non_finite);
+      float grad_scale, float lr_scale, const RangeRunner& runner = {},
+      size_t* non_finite = nullptr);
   // True when v's optimizer keeps no state besides the parameters (plain
   // SGD), so that an update can be computed out of place and dropped.
   static bool SupportsCheckedStreaming(const Variable& v);

@@ -535,22 +535,22 @@ TEST(VariableStoreTest, CheckedStreamingApplyIsAllOrNothing) {
   size_t bad = 0;
   // NaN in the last piece (pieces of 8 elements).
   grad[39] = std::numeric_limits<float>::quiet_NaN();
-  ASSERT_TRUE(VariableStore::ApplyDenseCheckedStreaming(v, {0, 10}, 8, fetch_from(grad, -1), 1.0f,
-                                                        1.0f, {}, &bad)
-                  .ok());
+  ASSERT_TRUE(
+      VariableStore::ApplyDenseStreaming(v, {0, 10}, 8, fetch_from(grad, -1), 1.0f, 1.0f, {}, &bad)
+          .ok());
   EXPECT_EQ(bad, 1u);
   unchanged("nan");
   grad[39] = 0.25f;
   // The sender goes away after two pieces.
-  Status gone = VariableStore::ApplyDenseCheckedStreaming(v, {0, 10}, 8, fetch_from(grad, 20), 1.0f,
-                                                          1.0f, {}, &bad);
+  Status gone =
+      VariableStore::ApplyDenseStreaming(v, {0, 10}, 8, fetch_from(grad, 20), 1.0f, 1.0f, {}, &bad);
   EXPECT_EQ(gone.code(), StatusCode::kUnavailable) << gone;
   unchanged("fetch failed");
   // A snapshot lent meanwhile keeps its values.
   ParamsSnapshot lent = VariableStore::Snapshot(v);
-  ASSERT_TRUE(VariableStore::ApplyDenseCheckedStreaming(v, {2, 6}, 8, fetch_from(grad, -1), 1.0f,
-                                                        1.0f, {}, &bad)
-                  .ok());
+  ASSERT_TRUE(
+      VariableStore::ApplyDenseStreaming(v, {2, 6}, 8, fetch_from(grad, -1), 1.0f, 1.0f, {}, &bad)
+          .ok());
   EXPECT_EQ(bad, 0u);
   EXPECT_EQ(v.version(), 1u);
   ASSERT_TRUE(VariableStore::ReadDense(v, {0, 10}, after.data()).ok());
