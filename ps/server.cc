@@ -142,20 +142,20 @@ class ApplyPool {
   int parts_ = 1;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  bool stop_ = false;                                              // Guarded by mu_.
-  uint64_t generation_ = 0;                                        // Guarded by mu_.
-  const std::function<void(int64_t, int64_t)>* body_ = nullptr;    // Guarded by mu_.
-  int64_t n_ = 0;                                                  // Guarded by mu_.
-  int pending_ = 0;                                                // Guarded by mu_.
+  bool stop_ = false;                                            // Guarded by mu_.
+  uint64_t generation_ = 0;                                      // Guarded by mu_.
+  const std::function<void(int64_t, int64_t)>* body_ = nullptr;  // Guarded by mu_.
+  int64_t n_ = 0;                                                // Guarded by mu_.
+  int pending_ = 0;                                              // Guarded by mu_.
 };
 
 // One worker's gradient for one (clock, variable) in BSP, kept until the
 // clock completes. Frames are kept alive (no copy) when they are raw f32.
 struct Contribution {
   bool sparse = false;
-  protocol::RowRange rows;         // dense
-  std::vector<int64_t> indices;    // sparse (global rows)
-  std::span<const float> values;   // gradient values
+  protocol::RowRange rows;            // dense
+  std::vector<int64_t> indices;       // sparse (global rows)
+  std::span<const float> values;      // gradient values
   std::shared_ptr<const void> owner;  // keeps `values` alive
 };
 
@@ -297,16 +297,14 @@ class Server::Impl {
   // shard from a reconnection to the same one).
   const uint64_t incarnation_ = [] {
     std::random_device rd;
-    const uint64_t r = (uint64_t{rd()} << 32) ^ uint64_t{rd()};
+    const uint64_t r = (uint64_t{rd()} << 32) ^ uint64_t { rd() };
     return r == 0 ? 1 : r;
   }();
   // Clock of the checkpoint restored at start; -1: none.
   int64_t restored_clock_ = -1;
   ApplyPool pool_;
-  VariableStore::RangeRunner runner_ = [this](int64_t n,
-                                              const std::function<void(int64_t, int64_t)>& body) {
-    pool_.Run(n, body);
-  };
+  VariableStore::RangeRunner runner_ =
+      [this](int64_t n, const std::function<void(int64_t, int64_t)>& body) { pool_.Run(n, body); };
   std::unique_ptr<transport::Context> context_;
   std::unique_ptr<ZapAuthenticator> zap_;  // with CURVE only
   std::unique_ptr<transport::Socket> socket_;
@@ -345,8 +343,7 @@ Status Server::Impl::Init() {
   if (o.max_frames < 1 || o.max_variables < 1)
     return InvalidArgumentError("--max-frames and --max-variables must be >= 1");
   if (o.threads < 1 || o.threads > 256)
-    return InvalidArgumentError("--threads must be in [1, 256], got " +
-                                std::to_string(o.threads));
+    return InvalidArgumentError("--threads must be in [1, 256], got " + std::to_string(o.threads));
   stale_aware_lr_ = o.stale_aware_lr;
   ConsistencyOptions co;
   co.num_workers = o.num_workers;
@@ -683,10 +680,9 @@ Status Server::Impl::HandleHello(const Frame& identity, const Request& req) {
                                    std::to_string(h.protocol_version) + ", server " +
                                    std::to_string(protocol::kProtocolVersion));
   if (h.num_shards != options_.num_shards)
-    return FailedPreconditionError("number of shards mismatch: worker expects " +
-                                   std::to_string(h.num_shards) + ", shard " +
-                                   std::to_string(options_.shard_index) + " is one of " +
-                                   std::to_string(options_.num_shards));
+    return FailedPreconditionError(
+        "number of shards mismatch: worker expects " + std::to_string(h.num_shards) + ", shard " +
+        std::to_string(options_.shard_index) + " is one of " + std::to_string(options_.num_shards));
   int32_t current = controller_->CurrentStaleness();
   if (h.staleness != protocol::kStalenessDontCheck && h.staleness != current)
     return FailedPreconditionError("staleness mismatch: worker expects " +
@@ -743,10 +739,9 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
     int64_t row_elems = 1;
     for (size_t i = 1; i < cv.spec.shape.size(); ++i) row_elems *= cv.spec.shape[i];
     if (iv->values.num_elements() != rows * row_elems)
-      return InvalidArgumentError("variable '" + cv.spec.name + "': " +
-                                  std::to_string(iv->values.num_elements()) +
-                                  " initial values for " + std::to_string(rows) + " rows of " +
-                                  std::to_string(row_elems));
+      return InvalidArgumentError(
+          "variable '" + cv.spec.name + "': " + std::to_string(iv->values.num_elements()) +
+          " initial values for " + std::to_string(rows) + " rows of " + std::to_string(row_elems));
     if (options_.nan_policy != NanPolicy::kAllow) {
       // Parameters never start poisoned either.
       const size_t bad =
@@ -790,15 +785,13 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   // applied out of place, all or nothing (below), instead of waiting for all
   // of it, checking it, then applying it (three passes over memory, one).
   const protocol::Update* checked_streaming = nullptr;
-  if (options_.nan_policy != NanPolicy::kAllow && push.updates.size() == 1 &&
-      !stale_aware_lr_) {
+  if (options_.nan_policy != NanPolicy::kAllow && push.updates.size() == 1 && !stale_aware_lr_) {
     const auto& u = push.updates[0];
     const Frame& frame = msg[u.values.frame];
     auto found = store_.Find(u.variable);
     if (found.ok() && frame.streaming() && u.values.encoding == protocol::Encoding::kRaw &&
         u.values.dtype == DType::kF32 && std::holds_alternative<protocol::RowRange>(u.rows) &&
-        frame.window_limit() >= sizeof(float) &&
-        VariableStore::SupportsCheckedStreaming(**found) &&
+        frame.window_limit() >= sizeof(float) && VariableStore::SupportsCheckedStreaming(**found) &&
         (req.worker_id < 0 || controller_->EffectiveStaleness(u.variable, req.clock) != 0))
       checked_streaming = &u;
   }
@@ -819,8 +812,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(u.variable));
     std::span<const int64_t> shape(u.values.shape);
     if (auto* range = std::get_if<protocol::RowRange>(&u.rows)) {
-      DV_RETURN_IF_ERROR(
-          VariableStore::ValidateDensePayload(*v, *range, u.values.dtype, shape));
+      DV_RETURN_IF_ERROR(VariableStore::ValidateDensePayload(*v, *range, u.values.dtype, shape));
     } else {
       const auto& idx = std::get<protocol::TensorRef>(u.rows);
       DV_RETURN_IF_ERROR(
@@ -856,8 +848,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
         },
         1.0f, 1.0f, runner_, &bad);
     // The sender died mid-copy: nothing was applied.
-    if (!s.ok())
-      return s.WithContext("gradient for '" + u.variable + "' (nothing of it applied)");
+    if (!s.ok()) return s.WithContext("gradient for '" + u.variable + "' (nothing of it applied)");
     if (bad > 0) {
       poisoned[0] = true;
       ++num_poisoned;
@@ -1001,10 +992,9 @@ void Server::Impl::ApplyCompleted(const CompletedClock& done) {
     if (!found.ok()) continue;
     Variable& v = **found;
     const auto& by_worker = var_it->second;
-    const float grad_scale =
-        v.spec().aggregation == protocol::Aggregation::kMean
-            ? 1.0f / static_cast<float>(cu.contributors.size())
-            : 1.0f;
+    const float grad_scale = v.spec().aggregation == protocol::Aggregation::kMean
+                                 ? 1.0f / static_cast<float>(cu.contributors.size())
+                                 : 1.0f;
     bool any_dense = false;
     for (const auto& [w, list] : by_worker)
       for (const auto& c : list) any_dense |= !c.sparse;
@@ -1072,16 +1062,15 @@ void Server::Impl::ApplyCompleted(const CompletedClock& done) {
 
 void Server::Impl::Act(Events events) {
   for (const DroppedWorker& d : events.dropped) {
-    DV_LOG(kWarning) << "worker " << d.worker << " dropped from the live set at clock "
-                     << d.clock << " ("
-                     << (d.never_seen ? "never said hello"
-                                      : "silent for " +
-                                            std::to_string(std::chrono::duration_cast<
-                                                               std::chrono::milliseconds>(
-                                                               d.silent_for)
-                                                               .count()) +
-                                            " ms")
-                     << ")";
+    DV_LOG(kWarning)
+        << "worker " << d.worker << " dropped from the live set at clock " << d.clock << " ("
+        << (d.never_seen ? "never said hello"
+                         : "silent for " +
+                               std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                  d.silent_for)
+                                                  .count()) +
+                               " ms")
+        << ")";
   }
   for (const CompletedClock& c : events.completed) ApplyCompleted(c);
   for (uint64_t t : events.released) {
@@ -1100,12 +1089,12 @@ void Server::Impl::Act(Events events) {
       who += "worker " + std::to_string(e.waiting_for[i]) + " (clock " +
              std::to_string(e.their_clocks[i]) + ")";
     }
-    SendError(it->second.identity, it->second.request.request_id,
-              DeadlineExceededError("pull at clock " + std::to_string(e.clock) + " held for " +
-                                    std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
-                                                       e.held_for)
-                                                       .count()) +
-                                    " s waiting for " + who));
+    SendError(
+        it->second.identity, it->second.request.request_id,
+        DeadlineExceededError(
+            "pull at clock " + std::to_string(e.clock) + " held for " +
+            std::to_string(std::chrono::duration_cast<std::chrono::seconds>(e.held_for).count()) +
+            " s waiting for " + who));
     held_pulls_.erase(it);
   }
   if (!events.dropped.empty()) CheckBarriers();
@@ -1190,8 +1179,8 @@ void Server::Impl::AnswerPull(const Held& held) {
     } else {
       const auto& idx = std::get<protocol::TensorRef>(r.rows);
       std::vector<int64_t> rows = ToIndices(idx, held.frames[idx.frame]);
-      auto buf = std::make_shared<std::vector<float>>(rows.size() *
-                                                      static_cast<size_t>(v.row_elements()));
+      auto buf =
+          std::make_shared<std::vector<float>>(rows.size() * static_cast<size_t>(v.row_elements()));
       uint64_t version = 0;
       Status s = VariableStore::ReadRows(v, rows, buf->data(), &version);
       if (!s.ok()) {
