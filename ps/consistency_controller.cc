@@ -249,15 +249,6 @@ StatusOr<PushPlan> ConsistencyController::OnPush(int32_t worker, int64_t clock,
                                                  bool advance_clock) {
   DV_RETURN_IF_ERROR(CheckPush(worker, clock));
   Worker& w = workers_[static_cast<size_t>(worker)];
-  if (clock < 0) {
-    return InvalidArgumentError("push from worker " + std::to_string(worker) +
-                                " has a negative clock " + std::to_string(clock));
-  }
-  if (clock < w.clock) {
-    return FailedPreconditionError("push from worker " + std::to_string(worker) + " is for clock " +
-                                   std::to_string(clock) + " but its clock is already " +
-                                   std::to_string(w.clock) + " (that step is finished)");
-  }
   Touch(worker);
   w.clock = clock;  // >= its previous clock
   max_seen_clock_ = std::max(max_seen_clock_, clock);

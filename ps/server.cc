@@ -254,6 +254,11 @@ class Server::Impl {
 
   void Act(Events events);
   void ApplyCompleted(const CompletedClock& done);
+  // VariableStore::ApplyDenseStreaming of a gradient a co-located worker is
+  // still copying in (a streaming frame), in pieces of at most 256 KiB read
+  // through Frame::Window as they arrive.
+  Status ApplyStreamed(Variable& v, protocol::RowRange rows, const Frame& frame, float lr_scale,
+                       size_t* non_finite);
 
   // Checkpoints: restores options_.restore (Init), writes one under `root`
   // now (state is consistent between two messages), or when the interval
@@ -833,20 +838,10 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     const auto& u = *checked_streaming;
     Frame& frame = msg[u.values.frame];
     const auto range = std::get<protocol::RowRange>(u.rows);
-    const int64_t piece =
-        static_cast<int64_t>(std::min<size_t>(frame.window_limit(), 256 * 1024) / sizeof(float));
     size_t bad = 0;
     ApplyTimer timer(options_.telemetry, req.clock, req.worker_id);
     timer.Arm();
-    Status s = VariableStore::ApplyDenseStreaming(
-        *vars[0], range, piece,
-        [&frame](int64_t begin, int64_t n) -> StatusOr<const float*> {
-          DV_ASSIGN_OR_RETURN(const std::byte* p,
-                              frame.Window(static_cast<size_t>(begin) * sizeof(float),
-                                           static_cast<size_t>(n) * sizeof(float)));
-          return reinterpret_cast<const float*>(p);
-        },
-        1.0f, 1.0f, runner_, &bad);
+    Status s = ApplyStreamed(*vars[0], range, frame, 1.0f, &bad);
     // The sender died mid-copy: nothing was applied.
     if (!s.ok()) return s.WithContext("gradient for '" + u.variable + "' (nothing of it applied)");
     if (bad > 0) {
@@ -927,17 +922,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
       // A co-located worker is still copying this gradient into shared
       // memory: apply each piece as soon as it is there, while it is hot in
       // cache.
-      const int64_t piece =
-          static_cast<int64_t>(std::min<size_t>(frame.window_limit(), 256 * 1024) / sizeof(float));
-      Status s = VariableStore::ApplyDenseStreaming(
-          *v, *range, piece,
-          [&frame](int64_t begin, int64_t n) -> StatusOr<const float*> {
-            DV_ASSIGN_OR_RETURN(const std::byte* p,
-                                frame.Window(static_cast<size_t>(begin) * sizeof(float),
-                                             static_cast<size_t>(n) * sizeof(float)));
-            return reinterpret_cast<const float*>(p);
-          },
-          1.0f, lr_scale, runner_);
+      Status s = ApplyStreamed(*v, *range, frame, lr_scale, nullptr);
       if (!s.ok()) {
         DV_LOG(kError) << "gradient for '" << v->name() << "' from worker " << req.worker_id
                        << " stopped arriving; the rest of the step is lost: " << s;
@@ -979,6 +964,21 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   }
   Act(std::move(plan.events));
   return OkStatus();
+}
+
+Status Server::Impl::ApplyStreamed(Variable& v, protocol::RowRange rows, const Frame& frame,
+                                   float lr_scale, size_t* non_finite) {
+  const int64_t piece =
+      static_cast<int64_t>(std::min<size_t>(frame.window_limit(), 256 * 1024) / sizeof(float));
+  return VariableStore::ApplyDenseStreaming(
+      v, rows, piece,
+      [&frame](int64_t begin, int64_t n) -> StatusOr<const float*> {
+        DV_ASSIGN_OR_RETURN(const std::byte* p,
+                            frame.Window(static_cast<size_t>(begin) * sizeof(float),
+                                         static_cast<size_t>(n) * sizeof(float)));
+        return reinterpret_cast<const float*>(p);
+      },
+      1.0f, lr_scale, runner_, non_finite);
 }
 
 void Server::Impl::ApplyCompleted(const CompletedClock& done) {
