@@ -1,10 +1,15 @@
 // Figures 1-4 and 7: transport limit, push, pull, small requests, the
 // aggregate of 2 ps + 2 workers, and the co-located path.
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <thread>
 
 #include "distval/client.h"
@@ -112,6 +117,64 @@ void PrintSamples(const BenchConfig& config, const std::string& label,
   }
 }
 
+// CPU seconds and minor page faults of a process so far: this process
+// (getrusage, all threads) or a child (/proc/PID/stat).
+struct CpuUse {
+  double cpu_seconds = 0;
+  double minor_faults = 0;
+};
+
+CpuUse ReadCpuUse(pid_t pid) {
+  CpuUse use;
+  if (pid == 0) {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    use.cpu_seconds = static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                      static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+    use.minor_faults = static_cast<double>(ru.ru_minflt);
+    return use;
+  }
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  // Fields after the command name (which may hold spaces, hence the last ')').
+  const size_t close = text.rfind(')');
+  if (close == std::string::npos) return use;
+  std::istringstream in(text.substr(close + 2));
+  std::vector<std::string> field;
+  for (std::string x; in >> x;) field.push_back(x);
+  // man 5 proc: state is field 3; minflt 10, utime 14, stime 15 (1-based).
+  if (field.size() < 13) return use;
+  const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
+  use.minor_faults = std::stod(field[10 - 3]);
+  use.cpu_seconds = (std::stod(field[14 - 3]) + std::stod(field[15 - 3])) / tick;
+  return use;
+}
+
+// --verbose: wraps a measure that returns seconds per operation so that it
+// also prints the CPU time and minor page faults per operation of this
+// process (the client) and of `server` (a child), e.g. to see where a gap
+// to the raw round trip goes.
+Measure WithCpuUse(const BenchConfig& config, Measure measure, pid_t server, std::string label) {
+  if (!config.verbose) return measure;
+  return [measure = std::move(measure), server, label = std::move(label)]() -> StatusOr<double> {
+    const CpuUse c0 = ReadCpuUse(0), s0 = ReadCpuUse(server);
+    const auto start = Clock::now();
+    DV_ASSIGN_OR_RETURN(double per_op, measure());
+    const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+    const CpuUse c1 = ReadCpuUse(0), s1 = ReadCpuUse(server);
+    // Operations in this sample, warm-up included (it ran inside `wall`).
+    const double ops = wall / per_op;
+    std::fprintf(stderr,
+                 "[bench] %s: %.1f us/op; cpu us/op client %.1f server %.1f; minor faults/op "
+                 "client %.1f server %.1f\n",
+                 label.c_str(), per_op * 1e6, (c1.cpu_seconds - c0.cpu_seconds) / ops * 1e6,
+                 (s1.cpu_seconds - s0.cpu_seconds) / ops * 1e6,
+                 (c1.minor_faults - c0.minor_faults) / ops,
+                 (s1.minor_faults - s0.minor_faults) / ops);
+    return per_op;
+  };
+}
+
 }  // namespace
 
 Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
@@ -124,25 +187,36 @@ Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>&
     const std::string name = VarName("t", size);
     DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, size));
     Buffers buf(size);
+    const pid_t raw_pid = raw.processes.at(0).pid(), ps_pid = ps.processes.at(0).pid();
+    const std::string label = SizeLabel(size);
     const std::vector<Measure> measures = {
-        [&]() -> StatusOr<double> {
-          return SecondsPerIteration([&] { return raw_client->RoundTrip(buf.grad.data(), size); },
-                                     config.timing);
-        },
-        [&]() -> StatusOr<double> {
-          return SecondsPerIteration(
-              [&] {
-                return client->Push({{name, buf.grad}}).Wait();
-              },
-              config.timing);
-        },
-        [&]() -> StatusOr<double> {
-          return SecondsPerIteration(
-              [&] {
-                return client->Pull({{name, buf.out}}).Wait();
-              },
-              config.timing);
-        },
+        WithCpuUse(
+            config,
+            [&]() -> StatusOr<double> {
+              return SecondsPerIteration(
+                  [&] { return raw_client->RoundTrip(buf.grad.data(), size); }, config.timing);
+            },
+            raw_pid, label + " raw"),
+        WithCpuUse(
+            config,
+            [&]() -> StatusOr<double> {
+              return SecondsPerIteration(
+                  [&] {
+                    return client->Push({{name, buf.grad}}).Wait();
+                  },
+                  config.timing);
+            },
+            ps_pid, label + " push"),
+        WithCpuUse(
+            config,
+            [&]() -> StatusOr<double> {
+              return SecondsPerIteration(
+                  [&] {
+                    return client->Pull({{name, buf.out}}).Wait();
+                  },
+                  config.timing);
+            },
+            ps_pid, label + " pull"),
     };
     std::vector<std::vector<double>> samples;
     DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
@@ -303,6 +377,7 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
                            Report* report) {
   DV_ASSIGN_OR_RETURN(PsCluster ps, StartPs(config, "colocated", 1, 1, "async"));
   DV_ASSIGN_OR_RETURN(auto client, ConnectClient(ps.endpoints, 0, 1, /*shared_memory=*/true));
+  const pid_t ps_pid = ps.processes.at(0).pid();
   for (int64_t size : sizes) {
     const std::string name = VarName("c", size);
     DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, size));
@@ -317,20 +392,26 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
               },
               config.timing);
         },
-        [&]() -> StatusOr<double> {
-          return SecondsPerIteration(
-              [&] {
-                return client->Push({{name, buf.grad}}).Wait();
-              },
-              config.timing);
-        },
-        [&]() -> StatusOr<double> {
-          return SecondsPerIteration(
-              [&] {
-                return client->Pull({{name, buf.out}}).Wait();
-              },
-              config.timing);
-        },
+        WithCpuUse(
+            config,
+            [&]() -> StatusOr<double> {
+              return SecondsPerIteration(
+                  [&] {
+                    return client->Push({{name, buf.grad}}).Wait();
+                  },
+                  config.timing);
+            },
+            ps_pid, "co-located " + SizeLabel(size) + " push"),
+        WithCpuUse(
+            config,
+            [&]() -> StatusOr<double> {
+              return SecondsPerIteration(
+                  [&] {
+                    return client->Pull({{name, buf.out}}).Wait();
+                  },
+                  config.timing);
+            },
+            ps_pid, "co-located " + SizeLabel(size) + " pull"),
     };
     std::vector<std::vector<double>> samples;
     DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
