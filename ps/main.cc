@@ -14,9 +14,10 @@
 #include "distval/http_endpoint.h"
 #include "distval/launcher_env.h"
 #include "distval/logging.h"
-#include "distval/shared_memory.h"
+#include "distval/malloc_tuning.h"
 #include "distval/metrics.h"
 #include "distval/rendezvous.h"
+#include "distval/shared_memory.h"
 #include "distval/timeline.h"
 #include "distval/transport.h"
 #include "server.h"
@@ -48,6 +49,9 @@ void StopOnSignals(distval::ps::Server* server) {
 
 int main(int argc, char** argv) {
   using namespace distval;
+  // Every pushed gradient arrives in a buffer ZeroMQ mallocs: keep freed
+  // heap for reuse rather than faulting it in again (malloc_tuning.h).
+  TuneMallocForLargeMessages();
   CLI::App app{
       "distval-ps: a parameter-server shard. Holds its share of the distributed variables, "
       "applies the optimizer to pushed gradients, and answers pulls under the job's "

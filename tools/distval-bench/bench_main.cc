@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "distval/logging.h"
+#include "distval/malloc_tuning.h"
 #include "figures.h"
 #include "raw_zmq.h"
 
@@ -99,6 +100,10 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (!serve_raw.empty()) {
+    // The same heap settings as distval-ps and every distval client (this
+    // process's clients get them from Client::Connect), so the limit is not
+    // weakened by page faults distval avoids.
+    TuneMallocForLargeMessages();
     Status s = RunRawEchoServer("tcp://127.0.0.1:*", serve_raw);
     std::cerr << "distval-bench --serve-raw: " << s << "\n";
     return 1;
