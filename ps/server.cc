@@ -184,6 +184,20 @@ FloatPayload ToFloats(const protocol::TensorRef& ref, const Frame& frame) {
 
 // Makes every frame of `msg` complete (see transport::Frame::streaming):
 // waits for streaming ones, reads ring ones through into owned storage.
+// The piece size of a chunked pull reply of `total` bytes, for a sender that
+// asked for pieces of `asked` bytes (Pull::chunk_bytes); 0: reply whole (not
+// asked, or it would be a single piece). Pieces are at least 64 KiB, a
+// multiple of 64 bytes, and at most 1024 per reply.
+size_t PullChunkBytes(uint64_t asked, size_t total) {
+  if (asked == 0) return 0;
+  constexpr size_t kMin = 64 * 1024, kMaxPieces = 1024;
+  size_t chunk =
+      std::max<size_t>(kMin, static_cast<size_t>(std::min<uint64_t>(asked, SIZE_MAX / 2)));
+  chunk = std::max(chunk, (total + kMaxPieces - 1) / kMaxPieces);
+  chunk = (chunk + 63) / 64 * 64;
+  return total > chunk ? chunk : 0;
+}
+
 Status WaitComplete(InMessage& msg) {
   for (Frame& f : msg) {
     if (!f.streaming()) continue;
@@ -1154,8 +1168,15 @@ void Server::Impl::AnswerPull(const Held& held) {
   if (options_.telemetry) options_.telemetry->OnPullAnswered(held.request, held.arrived);
   Reply reply = NewReply(held.request.request_id);
   protocol::PullReply pr;
-  std::vector<Payload> payloads;
-  payloads.reserve(pull.reads.size());
+  // The values of each read: bytes, and what keeps them alive.
+  struct Values {
+    const std::byte* data;
+    size_t bytes;
+    std::shared_ptr<const void> owner;
+  };
+  std::vector<Values> values;
+  values.reserve(pull.reads.size());
+  size_t total = 0;
   for (const auto& r : pull.reads) {
     auto found = store_.Find(r.variable);
     if (!found.ok()) {  // cannot happen: validated and variables are never removed
@@ -1164,7 +1185,7 @@ void Server::Impl::AnswerPull(const Held& held) {
     }
     Variable& v = **found;
     protocol::TensorRef ref;
-    ref.frame = static_cast<uint32_t>(payloads.size() + 1);
+    ref.frame = static_cast<uint32_t>(values.size() + 1);
     ref.dtype = DType::kF32;
     if (auto* range = std::get_if<protocol::RowRange>(&r.rows)) {
       // Zero-copy: lend the parameter buffer itself; the store never writes
@@ -1174,7 +1195,8 @@ void Server::Impl::AnswerPull(const Held& held) {
       size_t count = static_cast<size_t>(range->size() * v.row_elements());
       ref.shape = v.shape().dims();
       if (!ref.shape.empty()) ref.shape[0] = range->size();
-      payloads.push_back(Payload::Borrow(base, count * sizeof(float), snap.params));
+      values.push_back(
+          {reinterpret_cast<const std::byte*>(base), count * sizeof(float), snap.params});
       pr.versions.push_back(snap.version);
     } else {
       const auto& idx = std::get<protocol::TensorRef>(r.rows);
@@ -1189,13 +1211,41 @@ void Server::Impl::AnswerPull(const Held& held) {
       }
       ref.shape = v.shape().dims();
       if (!ref.shape.empty()) ref.shape[0] = static_cast<int64_t>(rows.size());
-      payloads.push_back(Payload::Borrow(buf->data(), buf->size() * sizeof(float), buf));
+      values.push_back(
+          {reinterpret_cast<const std::byte*>(buf->data()), buf->size() * sizeof(float), buf});
       pr.versions.push_back(version);
     }
+    total += values.back().bytes;
     pr.tensors.push_back(std::move(ref));
   }
+  const size_t chunk = PullChunkBytes(pull.chunk_bytes, total);
+  if (chunk == 0) {
+    std::vector<Payload> payloads;
+    payloads.reserve(values.size());
+    for (Values& x : values)
+      payloads.push_back(Payload::Borrow(x.data, x.bytes, std::move(x.owner)));
+    reply.body = std::move(pr);
+    SendReply(held.identity, std::move(reply), std::move(payloads));
+    return;
+  }
+  // In pieces: the reply with the shapes, then one message per piece, so the
+  // worker copies a piece into its buffer while the next one is arriving.
+  uint32_t chunks = 0;
+  for (const Values& x : values) chunks += static_cast<uint32_t>((x.bytes + chunk - 1) / chunk);
+  pr.chunks = chunks;
+  for (auto& ref : pr.tensors) ref.frame = 0;
   reply.body = std::move(pr);
-  SendReply(held.identity, std::move(reply), std::move(payloads));
+  SendReply(held.identity, std::move(reply));
+  for (size_t t = 0; t < values.size(); ++t) {
+    for (size_t offset = 0; offset < values[t].bytes; offset += chunk) {
+      Reply piece = NewReply(held.request.request_id);
+      piece.body = protocol::PullChunk{static_cast<uint32_t>(t), offset};
+      std::vector<Payload> payload;
+      payload.push_back(Payload::Borrow(
+          values[t].data + offset, std::min(chunk, values[t].bytes - offset), values[t].owner));
+      SendReply(held.identity, std::move(piece), std::move(payload));
+    }
+  }
 }
 
 void Server::Impl::HandleBarrier(const Frame& identity, const Request& req) {

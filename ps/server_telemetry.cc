@@ -18,7 +18,7 @@ int64_t SteadyNanos() {
 }
 
 // Names of the reply bodies, in ReplyBody's order.
-constexpr const char* kReplyNames[] = {"ack", "hello", "pull", "checkpoint", "stats"};
+constexpr const char* kReplyNames[] = {"ack", "hello", "pull", "checkpoint", "stats", "pull_chunk"};
 static_assert(std::size(kReplyNames) == std::variant_size_v<protocol::ReplyBody>);
 
 // A request body of each type, to ask protocol::RequestTypeName for its name.

@@ -169,12 +169,27 @@ struct Read {
 # staleness bound allows it to be answered.
 struct Pull {
   reads @0 :List(Read);  # variables and rows to read
+  chunkBytes @1 :UInt64; # 0: values in payload frames of the reply; else the sender
+                         # takes them in pieces of about this many bytes, each in a
+                         # message of its own after the reply (see PullChunk), so it
+                         # can copy one piece while the next is still arriving. The
+                         # server may answer whole (small replies) or pick larger pieces.
 }
 
 # Reply body of a pull: one tensor per read, in the same order.
 struct PullReply {
-  tensors @0 :List(TensorRef);  # payload frames with the values
+  tensors @0 :List(TensorRef);  # payload frames with the values (frame 0 when chunks > 0)
   versions @1 :List(UInt64);    # number of updates applied to each variable so far
+  chunks @2 :UInt32;            # 0: values in this message; else this many PullChunk
+                                # messages follow, with every byte of every tensor, in order
+}
+
+# One piece of a chunked pull reply (a message of its own, after the PullReply,
+# with the same requestId): the bytes [offset, offset + size of its one payload
+# frame) of tensor `tensor` of that reply.
+struct PullChunk {
+  tensor @0 :UInt32;  # index into PullReply.tensors
+  offset @1 :UInt64;  # byte offset inside that tensor's values
 }
 
 # Advance the sender's clock without pushing.
@@ -277,5 +292,6 @@ struct Reply {
     pull @7 :PullReply;                   # answer to pull
     checkpoint @8 :CheckpointReply;       # answer to checkpoint
     stats @9 :StatsReply;                 # answer to stats
+    pullChunk @10 :PullChunk;             # a piece of a chunked pull reply
   }
 }

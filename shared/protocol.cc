@@ -142,6 +142,7 @@ size_t BodyWords(const ReplyBody& body) {
                         [](const CheckpointReply& b) {
                           return StructWords<wire::CheckpointReply>() + TextWords(b.path.size());
                         },
+                        [](const PullChunk&) { return StructWords<wire::PullChunk>(); },
                         [](const StatsReply& b) {
                           size_t words =
                               StructWords<wire::StatsReply>() +
@@ -259,7 +260,9 @@ void SetRequest(wire::Request::Builder out, const Request& request) {
             p.setAdvanceClock(b.advance_clock);
           },
           [&](const Pull& b) {
-            auto reads = out.initPull().initReads(static_cast<unsigned>(b.reads.size()));
+            auto pull = out.initPull();
+            pull.setChunkBytes(b.chunk_bytes);
+            auto reads = pull.initReads(static_cast<unsigned>(b.reads.size()));
             for (unsigned i = 0; i < b.reads.size(); ++i) {
               const Read& r = b.reads[i];
               auto w = reads[i];
@@ -384,6 +387,12 @@ void SetReply(wire::Reply::Builder out, const Reply& reply) {
                    for (unsigned i = 0; i < b.tensors.size(); ++i) SetRef(tensors[i], b.tensors[i]);
                    auto versions = p.initVersions(static_cast<unsigned>(b.versions.size()));
                    for (unsigned i = 0; i < b.versions.size(); ++i) versions.set(i, b.versions[i]);
+                   p.setChunks(b.chunks);
+                 },
+                 [&](const PullChunk& b) {
+                   auto c = out.initPullChunk();
+                   c.setTensor(b.tensor);
+                   c.setOffset(b.offset);
                  },
                  [&](const CheckpointReply& b) {
                    auto c = out.initCheckpoint();
@@ -510,7 +519,6 @@ class Decoder {
     return OkStatus();
   }
 
-
   // Enum field `in` of a wire enum with `count` values.
   template <typename Out, typename In>
   Status Enum(In in, int count, const Path& path, Out* out) const {
@@ -555,7 +563,9 @@ class Decoder {
 
   // A TensorRef: enums, encoding allowed for the dtype, shape, and its frame
   // (in range, unused so far, of exactly the bytes the shape needs).
-  Status Ref(wire::TensorRef::Reader in, const Path& path, TensorRef* out) {
+  // `deferred`: the values travel outside this message (a chunked pull
+  // reply): frame must be 0 and no frame is taken.
+  Status Ref(wire::TensorRef::Reader in, const Path& path, TensorRef* out, bool deferred = false) {
     const Path dtype_path = path.Field("dtype");
     DV_RETURN_IF_ERROR(Enum(in.getDtype(), kNumDTypes, dtype_path, &out->dtype));
     const Path encoding_path = path.Field("encoding");
@@ -573,6 +583,12 @@ class Decoder {
 
     const uint32_t frame = in.getFrame();
     out->frame = frame;
+    if (deferred) {
+      if (frame != 0)
+        return Error(path, "frame " + std::to_string(frame) +
+                               " given for values that follow in chunks (must be 0)");
+      return OkStatus();
+    }
     if (frame == 0 || frame > payload_sizes_.size()) {
       const size_t n = payload_sizes_.size();
       return Error(path, "frame " + std::to_string(frame) + " is out of range (" +
@@ -591,6 +607,16 @@ class Decoder {
         what += " as " + std::string(EncodingName(out->encoding));
       return Error(path, what + " needs " + std::to_string(need));
     }
+    return OkStatus();
+  }
+
+  // Takes payload frame `frame` (1-based) as used, whatever its size.
+  Status UseFrame(uint32_t frame, const Path& path) {
+    if (frame == 0 || frame > payload_sizes_.size())
+      return Error(path, "frame " + std::to_string(frame) + " is out of range (the message has " +
+                             std::to_string(payload_sizes_.size()) + " payload frames)");
+    if (TestAndSetUsed(frame - 1))
+      return Error(path, "frame " + std::to_string(frame) + " is used twice");
     return OkStatus();
   }
 
@@ -787,6 +813,7 @@ Status DecodePull(Decoder& d, wire::Pull::Reader in, const Path& path, Pull* out
     DV_RETURN_IF_ERROR(d.Enum(r.getEncoding(), kNumEncodings, enc_path, &o.encoding));
     DV_RETURN_IF_ERROR(d.Selection<wire::Read>(r, p, &o.rows));
   }
+  out->chunk_bytes = in.getChunkBytes();
   return OkStatus();
 }
 
@@ -933,13 +960,15 @@ Status DecodeReplyRoot(Decoder& d, wire::Reply::Reader in, Reply* out) {
       const Path path{nullptr, "pull_reply"};
       auto p = in.getPull();
       PullReply b;
+      b.chunks = p.getChunks();
       auto tensors = p.getTensors();
       const Path tensors_path = path.Field("tensors");
       DV_RETURN_IF_ERROR(d.ListSize(tensors.size(), tensors_path));
       b.tensors.resize(tensors.size());
       for (unsigned i = 0; i < tensors.size(); ++i) {
         const Path t = path.Element("tensors", i);
-        DV_RETURN_IF_ERROR(d.Ref(tensors[i], t, &b.tensors[i]));
+        // Chunked: the values follow in PullChunk messages, not in frames.
+        DV_RETURN_IF_ERROR(d.Ref(tensors[i], t, &b.tensors[i], /*deferred=*/b.chunks > 0));
       }
       auto versions = p.getVersions();
       const Path versions_path = path.Field("versions");
@@ -948,6 +977,12 @@ Status DecodeReplyRoot(Decoder& d, wire::Reply::Reader in, Reply* out) {
       for (unsigned i = 0; i < versions.size(); ++i) b.versions[i] = versions[i];
       out->body = std::move(b);
       return OkStatus();
+    }
+    case wire::Reply::PULL_CHUNK: {
+      const Path path{nullptr, "pull_chunk"};
+      auto c = in.getPullChunk();
+      out->body = PullChunk{c.getTensor(), c.getOffset()};
+      return d.UseFrame(1, path.Field("frame"));
     }
     case wire::Reply::CHECKPOINT: {
       const Path path{nullptr, "checkpoint_reply.path"};

@@ -17,6 +17,7 @@
 #include <unordered_map>
 
 #include "distval/logging.h"
+#include "distval/malloc_tuning.h"
 
 namespace distval {
 
@@ -115,6 +116,9 @@ class Client::Impl {
     Request request;
     std::vector<Payload> payloads;  // frames after the header
     OnReply on_reply;
+    // A Pull that asked for a chunked reply (Pull::chunk_bytes): where the
+    // values of each read go, in read order. Empty otherwise.
+    std::vector<std::span<float>> pull_into;
   };
 
   Impl(const ClientOptions& options, Client* owner) : options_(options), owner_(owner) {}
@@ -139,6 +143,13 @@ class Client::Impl {
   // once otherwise (the holder completes the request). Called by Wait().
   static void DriveUntilAnswered(RequestHandle::State& state, Clock::time_point deadline);
   uint64_t NextId() { return next_id_.fetch_add(1); }
+  // The piece size to ask shard for in a Pull (0: whole replies); see
+  // ClientOptions::pull_chunk_bytes.
+  size_t PullChunkBytes(int shard) const {
+    const bool shared_memory =
+        socket_options_.shared_memory && transport::IsLocalEndpoint(options_.ps_endpoints[shard]);
+    return shared_memory ? 0 : options_.pull_chunk_bytes;
+  }
   // The hello of this client (Connect, and again after a lost connection).
   protocol::Hello MakeHello() const;
   // Records the server process that answered shard's hello. REQUIRES: the
@@ -210,6 +221,13 @@ class Client::Impl {
     // A push that advances the clock (or an AdvanceClock): the clock this
     // worker has on the shard once it is acknowledged; -1 otherwise.
     int64_t advances_to = -1;
+    // Chunked pull replies (Outgoing::pull_into): PullChunk messages still
+    // to come (-1 until the PullReply), value bytes not yet received, and
+    // the first error (the request fails with it once every piece is in).
+    std::vector<std::span<float>> pull_into;
+    int64_t chunks_left = -1;
+    size_t bytes_left = 0;
+    Status chunk_status;
   };
   // The connection to one shard, as the lease holder sees it.
   struct Link {
@@ -229,6 +247,11 @@ class Client::Impl {
   // Background thread: takes the lease whenever work would otherwise be left
   // unattended (queued commands, replies nobody waits for, heartbeats).
   void Run();
+  // The messages of a chunked pull reply (the PullReply with the shapes,
+  // then its PullChunk pieces, copied into Pending::pull_into as they come).
+  // False when `reply` is not one of them. REQUIRES: the lease is held.
+  bool HandleChunked(int shard, std::unordered_map<uint64_t, Pending>::iterator it,
+                     const Reply& reply, const InMessage& msg);
   // One round of socket work. REQUIRES: the lease is held.
   void IoStep(std::chrono::milliseconds poll_timeout);
   // Sends everything queued by threads that found the lease held.
@@ -318,6 +341,7 @@ class Client::Impl {
 
 Status Client::Impl::Start() {
   if (options_.ps_endpoints.empty()) return InvalidArgumentError("no parameter servers given");
+  if (options_.tune_malloc) TuneMallocForLargeMessages();
   shard_names_ = std::make_shared<const std::vector<std::string>>(options_.ps_endpoints);
   context_ = std::make_unique<transport::Context>(1);
   if (options_.retry_timeout.count() < 0 || options_.reconnect_backoff_max.count() < 0 ||
@@ -482,7 +506,9 @@ void Client::Impl::SendCommand(Command& cmd) {
     for (auto& p : m.payloads) out.push_back(std::move(p));
     uint64_t id = m.request.request_id;
     bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
-    Pending pending{m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true, -1};
+    Pending pending{m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true, -1, {}, -1, 0,
+                    {}};
+    pending.pull_into = std::move(m.pull_into);
     if (const auto* push = std::get_if<protocol::Push>(&m.request.body);
         (push != nullptr && push->advance_clock) ||
         std::holds_alternative<protocol::AdvanceClock>(m.request.body))
@@ -543,6 +569,7 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
     min_clocks_[shard] = reply->min_clock;
     return;
   }
+  if (HandleChunked(shard, it, *reply, msg)) return;
   Pending p = std::move(it->second);
   pending_.erase(it);
   outstanding_.fetch_sub(1);
@@ -562,6 +589,81 @@ void Client::Impl::HandleMessage(int shard, InMessage& msg) {
     }
   }
   CompleteOne(p, s);
+}
+
+bool Client::Impl::HandleChunked(int shard, std::unordered_map<uint64_t, Pending>::iterator it,
+                                 const Reply& reply, const InMessage& msg) {
+  Pending& p = it->second;
+  const std::string from =
+      "shard " + std::to_string(shard) + " (" + options_.ps_endpoints[shard] + "): ";
+  if (const auto* piece = std::get_if<protocol::PullChunk>(&reply.body)) {
+    if (p.chunks_left <= 0) {
+      DV_LOG(kWarning) << from << "dropping a pull piece for request " << reply.request_id
+                       << ", which expects none";
+      return true;
+    }
+    if (p.chunk_status.ok()) {
+      std::lock_guard<std::mutex> lock(p.state->mu);
+      if (p.state->abandoned) {
+        // Its waiter left: the buffer may be reused already.
+        p.chunk_status = CancelledError("abandoned");
+      } else {
+        const Frame& f = msg[1];  // the decoder checked there is exactly one
+        if (piece->tensor >= p.pull_into.size() ||
+            piece->offset > p.pull_into[piece->tensor].size_bytes() ||
+            f.size() > p.pull_into[piece->tensor].size_bytes() - piece->offset) {
+          p.chunk_status =
+              InternalError(from + "pull piece of " + std::to_string(f.size()) +
+                            " bytes at offset " + std::to_string(piece->offset) + " of tensor " +
+                            std::to_string(piece->tensor) + " lies outside the reply");
+        } else {
+          if (f.size() > 0)
+            std::memcpy(
+                reinterpret_cast<std::byte*>(p.pull_into[piece->tensor].data()) + piece->offset,
+                f.data(), f.size());
+          p.bytes_left -= std::min(p.bytes_left, f.size());
+        }
+      }
+    }
+    if (--p.chunks_left > 0) return true;
+    if (p.chunk_status.ok() && p.bytes_left != 0)
+      p.chunk_status = InternalError(from + "chunked pull reply ended " +
+                                     std::to_string(p.bytes_left) + " bytes short");
+  } else if (const auto* pr = std::get_if<protocol::PullReply>(&reply.body);
+             reply.code == StatusCode::kOk && pr != nullptr && pr->chunks > 0) {
+    // The shapes; the values follow in pr->chunks pieces.
+    RecordReply(shard, reply, p.is_pull);
+    p.chunks_left = pr->chunks;
+    p.bytes_left = 0;
+    p.chunk_status = OkStatus();
+    if (pr->tensors.size() != p.pull_into.size()) {
+      p.chunk_status = InternalError(from + "chunked pull reply with " +
+                                     std::to_string(pr->tensors.size()) + " tensors to a request " +
+                                     (p.pull_into.empty()
+                                          ? std::string("that asked for none")
+                                          : "of " + std::to_string(p.pull_into.size()) + " reads"));
+    }
+    for (size_t i = 0; i < pr->tensors.size() && p.chunk_status.ok(); ++i) {
+      const protocol::TensorRef& ref = pr->tensors[i];
+      if (ref.encoding != protocol::Encoding::kRaw || ref.dtype != DType::kF32)
+        p.chunk_status = UnimplementedError("only raw f32 pull replies are supported");
+      else if (ref.num_bytes() != p.pull_into[i].size_bytes())
+        p.chunk_status = InternalError(from + "pull reply tensor " + std::to_string(i) + " has " +
+                                       std::to_string(ref.num_bytes()) + " bytes, expected " +
+                                       std::to_string(p.pull_into[i].size_bytes()));
+      else
+        p.bytes_left += ref.num_bytes();
+    }
+    return true;
+  } else {
+    return false;
+  }
+  // The last piece: done.
+  Pending done = std::move(p);
+  pending_.erase(it);
+  outstanding_.fetch_sub(1);
+  CompleteOne(done, done.chunk_status);
+  return true;
 }
 
 void Client::Impl::SendHeartbeats() {
@@ -812,6 +914,9 @@ void Client::Impl::Resend(int shard) {
       continue;
     }
     p.sent = true;
+    // A chunked reply starts over (pieces of the lost one never come).
+    p.chunks_left = -1;
+    p.chunk_status = OkStatus();
   }
   last_send_[static_cast<size_t>(shard)] = Clock::now();
 }
@@ -892,7 +997,7 @@ void Client::Impl::Run() {
   std::lock_guard<std::mutex> queue_lock(queue_mu_);
   for (auto& cmd : queue_)
     for (auto& m : cmd.messages) {
-      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true, -1};
+      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true, -1, {}, -1, 0, {}};
       CompleteOne(p, CancelledError("client shut down"));
     }
   queue_.clear();
@@ -1143,6 +1248,7 @@ RequestHandle Client::Pull(std::vector<PullTarget> targets) {
           t.out.subspan(static_cast<size_t>(slice.row_begin * row_elems),
                         static_cast<size_t>((slice.row_end - slice.row_begin) * row_elems));
       size_t read_index = pull.reads.size() - 1;
+      m.pull_into.push_back(dst);
       auto prev = std::move(m.on_reply);
       m.on_reply = [prev = std::move(prev), dst, read_index](const Reply& reply,
                                                              const InMessage& msg) -> Status {
@@ -1156,7 +1262,19 @@ RequestHandle Client::Pull(std::vector<PullTarget> targets) {
   }
   std::vector<Impl::Outgoing> msgs;
   int64_t bytes = 0;
-  for (auto& [s, m] : by_shard) msgs.push_back(std::move(m));
+  for (auto& [s, m] : by_shard) {
+    // Large enough to gain from overlapping the copy with the transfer:
+    // ask for pieces (the server may still answer whole; on_reply copes).
+    const size_t chunk = impl_->PullChunkBytes(s);
+    size_t total = 0;
+    for (const auto& d : m.pull_into) total += d.size_bytes();
+    if (chunk > 0 && total >= 2 * chunk) {
+      std::get<protocol::Pull>(m.request.body).chunk_bytes = chunk;
+    } else {
+      m.pull_into.clear();
+    }
+    msgs.push_back(std::move(m));
+  }
   for (const auto& t : targets) bytes += static_cast<int64_t>(t.out.size_bytes());
   {
     std::lock_guard<std::mutex> lock(impl_->stats_mu_);

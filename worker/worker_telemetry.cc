@@ -216,6 +216,14 @@ void WorkerTelemetry::OnReply(int shard, const protocol::Reply& reply,
                               const transport::InMessage& message) {
   auto it = in_flight_.find(reply.request_id);
   if (it == in_flight_.end()) return;  // a heartbeat's reply
+  it->second.bytes += MessageBytes(message);
+  if (const auto* pr = std::get_if<protocol::PullReply>(&reply.body);
+      pr != nullptr && pr->chunks > 0 && reply.code == StatusCode::kOk) {
+    it->second.chunks_left = pr->chunks;  // it ends with its last piece
+    return;
+  }
+  if (std::holds_alternative<protocol::PullChunk>(reply.body) && --it->second.chunks_left > 0)
+    return;
   const InFlight f = it->second;
   in_flight_.erase(it);
   const auto now = Clock::now();
@@ -224,7 +232,7 @@ void WorkerTelemetry::OnReply(int shard, const protocol::Reply& reply,
     lanes[static_cast<size_t>(f.lane)] = 0;
   if (requests_[f.type] != nullptr) {
     request_seconds_[f.type]->Observe(Seconds(now - f.sent));
-    received_bytes_[f.type]->Increment(static_cast<double>(MessageBytes(message)));
+    received_bytes_[f.type]->Increment(static_cast<double>(f.bytes));
     if (reply.code != StatusCode::kOk) request_errors_->Increment();
   }
   if (timeline_ != nullptr) {

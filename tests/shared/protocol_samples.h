@@ -126,7 +126,9 @@ inline std::vector<SampleRequest> SampleRequests() {
     pull.reads.push_back({"dense_1/bias", Encoding::kF16, RowRange{0, 256}});
     pull.reads.push_back(
         {"embedding", Encoding::kBF16, NextRef(&sizes, DType::kI64, Encoding::kRaw, {7})});
-    add("pull", std::move(pull), sizes);
+    add("pull", pull, sizes);
+    pull.chunk_bytes = 1 << 20;
+    add("pull_chunked", std::move(pull), sizes);
   }
   add("advance_clock", AdvanceClock{57});
   add("advance_clock_next", AdvanceClock{-1});
@@ -156,7 +158,8 @@ inline std::vector<SampleReply> SampleReplies() {
   add("reply_ok", StatusCode::kOk, "", NoBody{});
   add("reply_error", StatusCode::kInvalidArgument,
       "push.updates[0].values: shape [3,4] differs from the variable's [3,5]", NoBody{});
-  add("reply_hello", StatusCode::kOk, "", HelloReply{kProtocolVersion, 1, 2, 4, 0, 17, 0x9e3779b97f4a7c15ULL, 3, 12});
+  add("reply_hello", StatusCode::kOk, "",
+      HelloReply{kProtocolVersion, 1, 2, 4, 0, 17, 0x9e3779b97f4a7c15ULL, 3, 12});
   {
     std::vector<size_t> sizes;
     PullReply pull;
@@ -165,6 +168,16 @@ inline std::vector<SampleReply> SampleReplies() {
     pull.tensors.push_back(NextRef(&sizes, DType::kF32, Encoding::kBF16, {7, 16}));
     pull.versions = {12, 12, 9};
     add("reply_pull", StatusCode::kOk, "", std::move(pull), sizes);
+  }
+  {
+    // The shapes of a chunked reply: values follow in 5 PullChunk messages.
+    PullReply pull;
+    pull.tensors.push_back({0, DType::kF32, Encoding::kRaw, {392, 256}});
+    pull.tensors.push_back({0, DType::kF32, Encoding::kRaw, {1000}});
+    pull.versions = {12, 3};
+    pull.chunks = 5;
+    add("reply_pull_chunked", StatusCode::kOk, "", std::move(pull));
+    add("reply_pull_chunk", StatusCode::kOk, "", PullChunk{1, 65536}, {4000 - 65536 % 4000});
   }
   add("reply_checkpoint", StatusCode::kOk, "", CheckpointReply{"/tmp/ckpt/clock-40", 40});
   {

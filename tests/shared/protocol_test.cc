@@ -634,6 +634,29 @@ TEST(ProtocolTest, FrameZeroOutOfRangeAndDuplicateAreRejected) {
                 "push.updates[0].sparse: frame 1 is used by another tensor too");
 }
 
+TEST(ProtocolTest, ChunkedPullRepliesAreChecked) {
+  // The shapes of a chunked reply name no frame (the values follow in
+  // PullChunk messages), and the message carries none.
+  Reply shapes;
+  shapes.body = PullReply{{{1, DType::kF32, Encoding::kRaw, {4}}}, {1}, 2};
+  ExpectInvalid(DecodeReplyStatus(EncodeReply(shapes), {16}),
+                "pull_reply.tensors[0]: frame 1 given for values that follow in chunks");
+  std::get<PullReply>(shapes.body).tensors[0].frame = 0;
+  ASSERT_TRUE(DecodeReplyStatus(EncodeReply(shapes), {}).ok());
+  ExpectInvalid(DecodeReplyStatus(EncodeReply(shapes), {16}), "unexpected payload frame 1");
+  // Without chunks, frame 0 is still out of range.
+  std::get<PullReply>(shapes.body).chunks = 0;
+  ExpectInvalid(DecodeReplyStatus(EncodeReply(shapes), {}), "frame 0 is out of range");
+  // A piece has exactly one payload frame, of any size.
+  Reply piece;
+  piece.body = PullChunk{0, 8};
+  ASSERT_TRUE(DecodeReplyStatus(EncodeReply(piece), {8}).ok());
+  ASSERT_TRUE(DecodeReplyStatus(EncodeReply(piece), {0}).ok());
+  ExpectInvalid(DecodeReplyStatus(EncodeReply(piece), {}),
+                "pull_chunk.frame: frame 1 is out of range");
+  ExpectInvalid(DecodeReplyStatus(EncodeReply(piece), {8, 8}), "unexpected payload frame 2");
+}
+
 TEST(ProtocolTest, NegativeAndOverflowingDimensionsAreRejected) {
   Update u{"a", TensorRef{1, DType::kF32, Encoding::kRaw, {4, -3}}, RowRange{0, 4}};
   ExpectInvalid(DecodeRequestStatus(EncodeRequest(PushRequest({u})), {0}),

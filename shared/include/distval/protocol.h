@@ -166,6 +166,10 @@ struct Read {
 };
 struct Pull {
   std::vector<Read> reads;
+  // 0: reply with whole payload frames. Else the sender wants the values in
+  // pieces of about this many bytes, each in a message of its own
+  // (PullReply::chunks, PullChunk).
+  uint64_t chunk_bytes = 0;
   friend bool operator==(const Pull&, const Pull&) = default;
 };
 struct AdvanceClock {
@@ -237,7 +241,17 @@ struct HelloReply {
 struct PullReply {
   std::vector<TensorRef> tensors;
   std::vector<uint64_t> versions;
+  // 0: the values are this message's payload frames. Else this many
+  // PullChunk messages follow with them, and every TensorRef::frame is 0.
+  uint32_t chunks = 0;
   friend bool operator==(const PullReply&, const PullReply&) = default;
+};
+// A piece of a chunked pull reply: bytes [offset, offset + frame size) of
+// tensor `tensor`; its one payload frame (frame 1) holds them.
+struct PullChunk {
+  uint32_t tensor = 0;
+  uint64_t offset = 0;
+  friend bool operator==(const PullChunk&, const PullChunk&) = default;
 };
 struct CheckpointReply {
   std::string path;
@@ -270,7 +284,8 @@ struct StatsReply {
   friend bool operator==(const StatsReply&, const StatsReply&) = default;
 };
 
-using ReplyBody = std::variant<NoBody, HelloReply, PullReply, CheckpointReply, StatsReply>;
+using ReplyBody =
+    std::variant<NoBody, HelloReply, PullReply, CheckpointReply, StatsReply, PullChunk>;
 
 struct Reply {
   uint64_t request_id = 0;

@@ -145,6 +145,10 @@ class WorkerTelemetry final : public ClientObserver {
     size_t type = 0;
     int64_t step = 0;
     Clock::time_point sent;
+    // A chunked pull reply: pieces still to come (the request ends with
+    // the last one), and the bytes received so far.
+    int64_t chunks_left = 0;
+    size_t bytes = 0;
   };
   std::unordered_map<uint64_t, InFlight> in_flight_;
   // lanes_[shard][lane]: the request id occupying the lane (0: free).
