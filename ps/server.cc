@@ -257,7 +257,27 @@ class Server::Impl {
   // so the apply overlaps the client's next transfer; requests behind it in
   // the socket are handled after the apply, so a later pull reflects it).
   // On error nothing is applied and nothing is sent: the caller replies.
-  Status HandlePush(const Frame& identity, const Request& req, InMessage& msg);
+  // What a chunked push did while its pieces arrived (see PushStream):
+  // checked them for NaN/Inf (`checked`, `non_finite`), and, for a plain SGD
+  // variable, applied them out of place (`fused`: HandlePush commits it
+  // instead of applying; when something else changed the variable
+  // meanwhile it applies `assemble()`'s contiguous gradient instead).
+  struct PushPrep {
+    bool checked = false;
+    size_t non_finite = 0;
+    VariableStore::CheckedUpdate* fused = nullptr;
+    std::function<StatusOr<Frame>()> assemble;
+  };
+  Status HandlePush(const Frame& identity, const Request& req, InMessage& msg,
+                    PushPrep* prep = nullptr);
+  // Chunked pushes (protocol::Push::chunks): the header opens a PushStream,
+  // each PushChunk feeds it, the last one hands it to HandlePush. Errors of
+  // the header are answered at once (its pieces are then dropped quietly);
+  // later ones once the last piece is in.
+  Status OpenPushStream(const Frame& identity, const Request& req);
+  void OnPushChunk(const Frame& identity, const Request& req, const InMessage& msg);
+  // Answers and drops streams whose pieces stopped coming (a sender that died).
+  void ExpirePushStreams();
   void HandlePull(const Frame& identity, Request& req, InMessage& msg);
   Status ValidatePull(const protocol::Pull& pull, const InMessage& msg);
   void AnswerPull(const Held& held);
@@ -342,6 +362,27 @@ class Server::Impl {
   std::unique_ptr<ConsistencyController> controller_;
   uint64_t next_ticket_ = 1;
   std::unordered_map<uint64_t, Held> held_pulls_;
+  // Chunked pushes whose pieces are arriving, by (sender identity, request
+  // id); variables with a fused (checked out-of-place) stream open.
+  struct PushStream {
+    Frame identity;
+    Request request;  // the header
+    uint32_t chunks_left = 0;
+    size_t total = 0, received = 0;
+    bool answered = false;  // the header failed and was answered: drop the pieces
+    Status error;           // the first problem with a piece
+    bool check = false;     // count NaN/Inf as pieces come
+    size_t non_finite = 0;
+    std::optional<VariableStore::CheckedUpdate> fused;
+    std::string fused_variable;
+    std::vector<Frame> pieces;            // fused: kept in case the commit is refused
+    std::shared_ptr<std::byte[]> values;  // otherwise: the values, copied in as they come
+    TimePoint started = ControllerClock::now();
+  };
+  std::map<std::pair<std::string, uint64_t>, PushStream> push_streams_;
+  static constexpr size_t kMaxPushStreams = 1024;
+  static constexpr std::chrono::seconds kPushStreamTimeout{60};
+  std::unordered_set<std::string> fused_streams_;
   // BSP accumulations: clock -> variable -> worker -> contributions.
   std::map<int64_t, std::map<std::string, std::map<int32_t, std::vector<Contribution>>>> accum_;
   // BSP: per-variable buffers the contributions of a clock are summed in.
@@ -558,6 +599,7 @@ Status Server::Impl::Run() {
       }
     }
     Act(controller_->Tick());
+    ExpirePushStreams();
     MaybeCheckpoint();
     if (options_.telemetry) options_.telemetry->Publish(*controller_, store_);
   }
@@ -625,8 +667,11 @@ void Server::Impl::Dispatch(const Frame& identity, Request& req, InMessage& msg)
         } else if constexpr (std::is_same_v<T, protocol::CreateVariable>) {
           s = HandleCreate(req, msg);
         } else if constexpr (std::is_same_v<T, protocol::Push>) {
-          s = HandlePush(identity, req, msg);
+          s = body.chunks > 0 ? OpenPushStream(identity, req) : HandlePush(identity, req, msg);
           answered = s.ok();
+        } else if constexpr (std::is_same_v<T, protocol::PushChunk>) {
+          OnPushChunk(identity, req, msg);
+          answered = true;
         } else if constexpr (std::is_same_v<T, protocol::Pull>) {
           HandlePull(identity, req, msg);
           answered = true;
@@ -778,7 +823,8 @@ Status Server::Impl::HandleCreate(const Request& req, const InMessage& msg) {
   return OkStatus();
 }
 
-Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMessage& msg) {
+Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMessage& msg,
+                                PushPrep* prep) {
   const auto& push = std::get<protocol::Push>(req.body);
   if (req.worker_id < 0 && push.advance_clock)
     return InvalidArgumentError("push with advance_clock needs a worker id");
@@ -804,7 +850,11 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   // applied out of place, all or nothing (below), instead of waiting for all
   // of it, checking it, then applying it (three passes over memory, one).
   const protocol::Update* checked_streaming = nullptr;
-  if (options_.nan_policy != NanPolicy::kAllow && push.updates.size() == 1 && !stale_aware_lr_) {
+  if (prep != nullptr && prep->fused != nullptr) {
+    // A chunked push already applied out of place, piece by piece.
+    checked_streaming = &push.updates[0];
+  } else if (options_.nan_policy != NanPolicy::kAllow && push.updates.size() == 1 &&
+             !stale_aware_lr_) {
     const auto& u = push.updates[0];
     const Frame& frame = msg[u.values.frame];
     auto found = store_.Find(u.variable);
@@ -816,7 +866,15 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   }
   for (size_t i = 0; i < push.updates.size(); ++i) {
     const auto& u = push.updates[i];
-    if (options_.nan_policy != NanPolicy::kAllow && checked_streaming != &u) {
+    if (prep != nullptr && prep->checked) {
+      // A chunked push: checked as its pieces came.
+      if (prep->non_finite > 0) {
+        poisoned[i] = true;
+        ++num_poisoned;
+        poisoned_names = "'" + u.variable + "' (" + std::to_string(prep->non_finite) + " of " +
+                         std::to_string(u.values.num_elements()) + " values)";
+      }
+    } else if (options_.nan_policy != NanPolicy::kAllow && checked_streaming != &u) {
       // The whole gradient must be here to be checked.
       DV_ASSIGN_OR_RETURN(msg[u.values.frame], msg[u.values.frame].Materialized());
       const size_t bad = protocol::CountNonFinite(msg[u.values.frame].bytes(), u.values.encoding);
@@ -855,15 +913,32 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
     size_t bad = 0;
     ApplyTimer timer(options_.telemetry, req.clock, req.worker_id);
     timer.Arm();
-    Status s = ApplyStreamed(*vars[0], range, frame, 1.0f, &bad);
+    Status s;
+    if (prep != nullptr && prep->fused != nullptr) {
+      bad = prep->non_finite;
+      if (bad == 0) {
+        s = prep->fused->Commit();
+        if (s.code() == StatusCode::kAborted) {
+          // Another update got in while the pieces arrived: this one goes
+          // after it, applied the ordinary way.
+          DV_ASSIGN_OR_RETURN(frame, prep->assemble());
+          checked_streaming = nullptr;
+          s = OkStatus();
+        }
+      }
+    } else {
+      s = ApplyStreamed(*vars[0], range, frame, 1.0f, &bad);
+    }
     // The sender died mid-copy: nothing was applied.
     if (!s.ok()) return s.WithContext("gradient for '" + u.variable + "' (nothing of it applied)");
     if (bad > 0) {
-      poisoned[0] = true;
-      ++num_poisoned;
-      poisoned_names = "'" + u.variable + "' (" + std::to_string(bad) + " of " +
-                       std::to_string(u.values.num_elements()) + " values, or more)";
-    } else {
+      if (!poisoned[0]) {
+        poisoned[0] = true;
+        ++num_poisoned;
+        poisoned_names = "'" + u.variable + "' (" + std::to_string(bad) + " of " +
+                         std::to_string(u.values.num_elements()) + " values, or more)";
+      }
+    } else if (checked_streaming != nullptr) {
       applied_early = true;
     }
   }
@@ -978,6 +1053,162 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   }
   Act(std::move(plan.events));
   return OkStatus();
+}
+
+Status Server::Impl::OpenPushStream(const Frame& identity, const Request& req) {
+  const auto& push = std::get<protocol::Push>(req.body);
+  const protocol::Update& u = push.updates[0];  // the decoder checked: one, dense
+  const auto range = std::get<protocol::RowRange>(u.rows);
+  auto key = std::make_pair(
+      std::string(reinterpret_cast<const char*>(identity.data()), identity.size()), req.request_id);
+  if (push_streams_.count(key) > 0)
+    return InvalidArgumentError("chunked push " + std::to_string(req.request_id) +
+                                " is already arriving");
+  PushStream st;
+  st.identity = identity;
+  st.request = req;
+  st.chunks_left = push.chunks;
+  // Errors of the header are answered now; its pieces are dropped quietly.
+  Status header = [&]() -> Status {
+    if (push_streams_.size() >= kMaxPushStreams)
+      return ResourceExhaustedError("too many chunked pushes arriving at once (" +
+                                    std::to_string(kMaxPushStreams) + ")");
+    if (u.values.dtype != DType::kF32 || u.values.encoding != protocol::Encoding::kRaw)
+      return InvalidArgumentError("chunked push of '" + u.variable + "': values must be raw f32");
+    DV_ASSIGN_OR_RETURN(Variable * v, store_.Find(u.variable));
+    DV_RETURN_IF_ERROR(VariableStore::ValidateDensePayload(
+        *v, range, u.values.dtype, std::span<const int64_t>(u.values.shape)));
+    st.total = u.values.num_bytes();
+    if (push.chunks > st.total)
+      return InvalidArgumentError("chunked push of '" + u.variable +
+                                  "': " + std::to_string(push.chunks) + " pieces for " +
+                                  std::to_string(st.total) + " bytes");
+    if (req.worker_id >= 0) DV_RETURN_IF_ERROR(controller_->CheckPush(req.worker_id, req.clock));
+    st.check = options_.nan_policy != NanPolicy::kAllow;
+    // Checked and applied out of place as the pieces come, when the push
+    // will be applied at once (not kept for a BSP clock) by a rule without
+    // state; one such stream per variable at a time.
+    const bool applied_now =
+        req.worker_id < 0 || controller_->EffectiveStaleness(u.variable, req.clock) != 0;
+    if (st.check && applied_now && !stale_aware_lr_ &&
+        VariableStore::SupportsCheckedStreaming(*v) && fused_streams_.count(u.variable) == 0) {
+      DV_ASSIGN_OR_RETURN(auto fused, VariableStore::BeginCheckedUpdate(*v, range, 1.0f));
+      st.fused.emplace(std::move(fused));
+      st.fused_variable = u.variable;
+      st.pieces.reserve(push.chunks);
+    } else {
+      st.values = std::shared_ptr<std::byte[]>(AlignedAlloc(st.total).release(), AlignedFree{});
+    }
+    return OkStatus();
+  }();
+  if (!header.ok()) {
+    SendError(identity, req.request_id, header);
+    st.answered = true;
+    st.fused.reset();
+  }
+  if (st.fused) fused_streams_.insert(st.fused_variable);
+  push_streams_.emplace(std::move(key), std::move(st));
+  return OkStatus();
+}
+
+void Server::Impl::OnPushChunk(const Frame& identity, const Request& req, const InMessage& msg) {
+  auto it = push_streams_.find(
+      std::make_pair(std::string(reinterpret_cast<const char*>(identity.data()), identity.size()),
+                     req.request_id));
+  if (it == push_streams_.end()) {
+    SendError(identity, req.request_id,
+              NotFoundError("push piece for request " + std::to_string(req.request_id) +
+                            ", which has no chunked push arriving"));
+    return;
+  }
+  PushStream& st = it->second;
+  const uint64_t offset = std::get<protocol::PushChunk>(req.body).offset;
+  const Frame& piece = msg[1];  // the decoder checked: exactly one payload frame
+  if (!st.answered && st.error.ok()) {
+    if (offset != st.received || piece.size() > st.total - st.received ||
+        piece.size() % sizeof(float) != 0) {
+      st.error = InvalidArgumentError(
+          "push piece of " + std::to_string(piece.size()) + " bytes at offset " +
+          std::to_string(offset) + ": expected the next piece of whole floats from offset " +
+          std::to_string(st.received) + " of " + std::to_string(st.total));
+    } else if (!piece.AlignedFor(alignof(float))) {
+      st.error = InternalError("push piece is not aligned for floats");
+    } else {
+      const auto* g = piece.as<float>();
+      const auto n = static_cast<int64_t>(piece.size() / sizeof(float));
+      if (st.fused) {
+        st.error = st.fused->Piece(g, n, &st.non_finite, runner_);
+        st.pieces.push_back(piece);
+      } else {
+        if (st.check)
+          st.non_finite += protocol::CountNonFinite(piece.bytes(), protocol::Encoding::kRaw);
+        if (!piece.bytes().empty())
+          std::memcpy(st.values.get() + offset, piece.data(), piece.size());
+      }
+      st.received += piece.size();
+    }
+  }
+  if (--st.chunks_left > 0) return;
+  // The last piece: the push itself.
+  PushStream done = std::move(st);
+  push_streams_.erase(it);
+  if (done.fused) fused_streams_.erase(done.fused_variable);
+  if (done.answered) return;
+  if (done.error.ok() && done.received != done.total)
+    done.error = InvalidArgumentError("chunked push ended " +
+                                      std::to_string(done.total - done.received) + " bytes short");
+  if (!done.error.ok()) {
+    SendError(done.identity, done.request.request_id,
+              done.error.WithContext("chunked push (nothing of it applied)"));
+    return;
+  }
+  // A plain push with the values as frame 1.
+  auto& push = std::get<protocol::Push>(done.request.body);
+  push.chunks = 0;
+  push.updates[0].values.frame = 1;
+  InMessage frames(2);
+  PushPrep prep;
+  prep.checked = done.check;
+  prep.non_finite = done.non_finite;
+  if (done.fused) {
+    prep.fused = &*done.fused;
+    prep.assemble = [&done]() -> StatusOr<Frame> {
+      auto values = std::shared_ptr<std::byte[]>(AlignedAlloc(done.total).release(), AlignedFree{});
+      size_t at = 0;
+      for (const Frame& f : done.pieces) {
+        if (!f.bytes().empty()) std::memcpy(values.get() + at, f.data(), f.size());
+        at += f.size();
+      }
+      return Frame::Adopt(values, values.get(), done.total);
+    };
+  } else {
+    frames[1] = Frame::Adopt(done.values, done.values.get(), done.total);
+  }
+  Status s = HandlePush(done.identity, done.request, frames, &prep);
+  if (!s.ok()) SendError(done.identity, done.request.request_id, s);
+}
+
+void Server::Impl::ExpirePushStreams() {
+  if (push_streams_.empty()) return;
+  const TimePoint now = ControllerClock::now();
+  for (auto it = push_streams_.begin(); it != push_streams_.end();) {
+    PushStream& st = it->second;
+    if (now - st.started < kPushStreamTimeout) {
+      ++it;
+      continue;
+    }
+    DV_LOG(kWarning) << "chunked push " << st.request.request_id << " from worker "
+                     << st.request.worker_id << ": " << st.chunks_left
+                     << " piece(s) never came; dropped (nothing of it applied)";
+    if (!st.answered)
+      SendError(st.identity, st.request.request_id,
+                DeadlineExceededError("chunked push: " + std::to_string(st.chunks_left) +
+                                      " piece(s) did not come within " +
+                                      std::to_string(kPushStreamTimeout.count()) +
+                                      " s (nothing of it applied)"));
+    if (st.fused) fused_streams_.erase(st.fused_variable);
+    it = push_streams_.erase(it);
+  }
 }
 
 Status Server::Impl::ApplyStreamed(Variable& v, protocol::RowRange rows, const Frame& frame,

@@ -428,6 +428,94 @@ bool VariableStore::SupportsCheckedStreaming(const Variable& v) {
   return v.spec().optimizer.kind == protocol::OptimizerKind::kSgd;
 }
 
+StatusOr<VariableStore::CheckedUpdate> VariableStore::BeginCheckedUpdate(Variable& v, RowRange rows,
+                                                                         float lr_scale) {
+  if (!SupportsCheckedStreaming(v))
+    return FailedPreconditionError("checked update of " + Quoted(v.name()) +
+                                   ": needs an optimizer without state");
+  DV_RETURN_IF_ERROR(ValidateDenseRange(v, rows));
+  CheckedUpdate u;
+  std::unique_lock lock(v.mu_);
+  u.v_ = &v;
+  u.begin_ = v.LocalOffset(rows.begin);
+  u.end_ = v.LocalOffset(rows.end);
+  u.lr_scale_ = lr_scale;
+  u.version_ = v.version_.load(std::memory_order_relaxed);
+  // Its own buffer: the spare when nobody holds it (it stays the update's
+  // until Commit, so that another update meanwhile cannot write it).
+  if (v.spare_ && v.spare_.use_count() == 1) {
+    u.out_ = std::move(v.spare_);
+    AcquireAfterUseCount();
+  } else {
+    u.out_ = NewBuffer(v.allocator_, v.shard_shape_);
+  }
+  return u;
+}
+
+Status VariableStore::CheckedUpdate::Piece(const float* grad, int64_t n, size_t* non_finite,
+                                           const RangeRunner& runner) {
+  if (v_ == nullptr) return FailedPreconditionError("checked update: not begun");
+  if (n < 0 || n > end_ - begin_ - done_)
+    return OutOfRangeError("checked update of " + Quoted(v_->name()) + ": piece of " +
+                           std::to_string(n) + " elements after " + std::to_string(done_) + " of " +
+                           std::to_string(end_ - begin_));
+  const size_t bad =
+      protocol::CountNonFinite(std::span<const std::byte>(reinterpret_cast<const std::byte*>(grad),
+                                                          static_cast<size_t>(n) * sizeof(float)),
+                               protocol::Encoding::kRaw);
+  *non_finite += bad;
+  poisoned_ = poisoned_ || bad > 0;
+  // Nothing to compute once it cannot be committed.
+  if (!poisoned_ && v_->version_.load(std::memory_order_relaxed) == version_) {
+    std::shared_lock lock(v_->mu_);
+    const float* in = v_->params_->data_as<float>();
+    float* out = out_->data_as<float>();
+    Optimizer& opt = *v_->optimizer_;  // plain SGD: no state is written
+    const int64_t b = begin_ + done_;
+    if (runner) {
+      runner(n, [&](int64_t lo, int64_t hi) {
+        opt.ApplyDense(in, out, grad + lo, b + lo, b + hi, 1.0f, lr_scale_);
+      });
+    } else {
+      opt.ApplyDense(in, out, grad, b, b + n, 1.0f, lr_scale_);
+    }
+  }
+  done_ += n;
+  return OkStatus();
+}
+
+Status VariableStore::CheckedUpdate::Commit() {
+  if (v_ == nullptr) return FailedPreconditionError("checked update: not begun");
+  Variable& v = *v_;
+  std::unique_lock lock(v.mu_);
+  Status why;
+  if (poisoned_) {
+    why = InvalidArgumentError("checked update of " + Quoted(v.name()) + ": non-finite values");
+  } else if (done_ != end_ - begin_) {
+    why = FailedPreconditionError("checked update of " + Quoted(v.name()) + ": " +
+                                  std::to_string(done_) + " of " + std::to_string(end_ - begin_) +
+                                  " elements came");
+  } else if (v.version_.load(std::memory_order_relaxed) != version_) {
+    why = AbortedError("checked update of " + Quoted(v.name()) +
+                       ": the variable changed while its gradient was arriving");
+  }
+  if (!why.ok()) {
+    if (!v.spare_) v.spare_ = std::move(out_);  // the buffer goes back
+    v_ = nullptr;
+    return why;
+  }
+  const float* in = v.params_->data_as<float>();
+  float* out = out_->data_as<float>();
+  CopyElements(in, out, 0, begin_);
+  CopyElements(in, out, end_, v.num_elements());
+  v.optimizer_->BeginStep();
+  v.spare_ = std::move(v.params_);
+  v.params_ = std::move(out_);
+  v.version_.fetch_add(1, std::memory_order_release);
+  v_ = nullptr;
+  return OkStatus();
+}
+
 Status VariableStore::ApplySparse(Variable& v, std::span<const int64_t> global_rows,
                                   const float* grad_rows, float grad_scale, float lr_scale) {
   DV_RETURN_IF_ERROR(ValidateSparseRows(v, global_rows));

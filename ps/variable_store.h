@@ -227,6 +227,45 @@ class VariableStore {
   // True when v's optimizer keeps no state besides the parameters (plain
   // SGD), so that an update can be computed out of place and dropped.
   static bool SupportsCheckedStreaming(const Variable& v);
+
+  // A checked out-of-place update (as ApplyDenseStreaming with non_finite)
+  // whose gradient arrives over several calls with other work in between (a
+  // chunked push, one message per piece): each piece is checked and applied
+  // into a buffer of the update's own as it comes, and Commit() swaps that
+  // buffer in. Reads and other updates of the variable may run between the
+  // calls: readers see the old parameters until Commit, and when anything
+  // changed the variable meanwhile Commit applies nothing (the caller then
+  // applies the gradient the ordinary way, in arrival order after the one
+  // that got in between). Not thread-safe; the store's single writer thread
+  // drives it. Must not outlive the variable.
+  class CheckedUpdate {
+   public:
+    CheckedUpdate() = default;
+    // Checks and applies the next `n` gradient elements of the range (in
+    // order). Adds the non-finite values found to *non_finite; once one is
+    // found, later pieces are only counted. OutOfRange past the range's end.
+    Status Piece(const float* grad, int64_t n, size_t* non_finite, const RangeRunner& runner = {});
+    // Swaps the result in (the optimizer's step and the version advance as
+    // for one apply) when every element came, all finite, and nothing else
+    // changed the variable since Begin. Otherwise changes nothing and says
+    // why: InvalidArgument (non-finite values), FailedPrecondition (pieces
+    // missing), Aborted (the variable changed meanwhile).
+    Status Commit();
+
+   private:
+    friend class VariableStore;
+    Variable* v_ = nullptr;
+    int64_t begin_ = 0, end_ = 0, done_ = 0;  // elements of the shard buffer
+    float lr_scale_ = 1;
+    uint64_t version_ = 0;  // v_'s version at Begin
+    bool poisoned_ = false;
+    std::shared_ptr<Tensor> out_;
+  };
+  // Starts a CheckedUpdate of global rows `rows` of v (a plain SGD variable,
+  // SupportsCheckedStreaming: FailedPrecondition otherwise). Takes the
+  // spare buffer when it is free, else allocates one.
+  static StatusOr<CheckedUpdate> BeginCheckedUpdate(Variable& v, protocol::RowRange rows,
+                                                    float lr_scale);
   // Applies grad_rows (global_rows.size() rows) to the listed global rows;
   // duplicates are summed, only listed rows change (see optimizer.h). Errors:
   // those of ValidateSparseRows.

@@ -153,6 +153,17 @@ struct Update {
 struct Push {
   updates @0 :List(Update);   # one entry per variable (or per range / row set)
   advanceClock @1 :Bool;      # after this push, the sender's clock becomes clock + 1
+  chunks @2 :UInt32;          # 0: values in this message's payload frames. Else exactly
+                              # one dense update (values.frame 0) whose values follow in
+                              # this many PushChunk messages (same requestId), in order, so
+                              # the server checks and applies each piece while the next
+                              # arrives; the push is acknowledged after the last one
+}
+
+# One piece of a chunked push (a message of its own, after the Push, with the
+# same requestId): values bytes [offset, offset + size of its one payload frame).
+struct PushChunk {
+  offset @0 :UInt64;  # byte offset inside the update's values
 }
 
 # One variable's read inside a pull.
@@ -276,6 +287,7 @@ struct Request {
     checkpoint @12 :Checkpoint;           # write a checkpoint
     stats @13 :Stats;                     # report state
     shutdown @14 :Shutdown;               # stop the server
+    pushChunk @15 :PushChunk;             # a piece of a chunked push
   }
 }
 

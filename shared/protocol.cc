@@ -123,6 +123,7 @@ size_t BodyWords(const RequestBody& body) {
           },
           [](const Stats&) { return StructWords<wire::Stats>(); },
           [](const Shutdown&) { return StructWords<wire::Shutdown>(); },
+          [](const PushChunk&) { return StructWords<wire::PushChunk>(); },
       },
       body);
 }
@@ -258,6 +259,7 @@ void SetRequest(wire::Request::Builder out, const Request& request) {
               SetSelection(w, u.rows);
             }
             p.setAdvanceClock(b.advance_clock);
+            p.setChunks(b.chunks);
           },
           [&](const Pull& b) {
             auto pull = out.initPull();
@@ -288,6 +290,7 @@ void SetRequest(wire::Request::Builder out, const Request& request) {
           [&](const Checkpoint& b) { out.initCheckpoint().setDirectory(AsText(b.directory)); },
           [&](const Stats&) { out.initStats(); },
           [&](const Shutdown& b) { out.initShutdown().setCheckpointFirst(b.checkpoint_first); },
+          [&](const PushChunk& b) { out.initPushChunk().setOffset(b.offset); },
       },
       request.body);
 }
@@ -785,7 +788,9 @@ Status DecodePush(Decoder& d, wire::Push::Reader in, const Path& path, Push* out
     const Path var_path = p.Field("variable");
     DV_RETURN_IF_ERROR(d.Text(u.getVariable(), var_path, &o.variable));
     const Path values_path = p.Field("values");
-    DV_RETURN_IF_ERROR(d.Ref(u.getValues(), values_path, &o.values));
+    // Chunked: the values follow in PushChunk messages, not in frames.
+    DV_RETURN_IF_ERROR(
+        d.Ref(u.getValues(), values_path, &o.values, /*deferred=*/in.getChunks() > 0));
     DV_RETURN_IF_ERROR(d.Selection<wire::Update>(u, p, &o.rows));
     if (const auto* indices = std::get_if<TensorRef>(&o.rows)) {
       const int64_t n = indices->shape[0];
@@ -795,6 +800,12 @@ Status DecodePush(Decoder& d, wire::Push::Reader in, const Path& path, Push* out
     }
   }
   out->advance_clock = in.getAdvanceClock();
+  out->chunks = in.getChunks();
+  if (out->chunks > 0 &&
+      (out->updates.size() != 1 || !std::holds_alternative<RowRange>(out->updates[0].rows)))
+    return d.Error(path.Field("chunks"), "a chunked push carries exactly one dense update, not " +
+                                             std::to_string(out->updates.size()) + " update(s)" +
+                                             (out->updates.size() == 1 ? " of sparse rows" : ""));
   return OkStatus();
 }
 
@@ -899,6 +910,11 @@ Status DecodeRequestRoot(Decoder& d, wire::Request::Reader in, Request* out) {
     case wire::Request::SHUTDOWN:
       out->body = Shutdown{in.getShutdown().getCheckpointFirst()};
       return OkStatus();
+    case wire::Request::PUSH_CHUNK: {
+      const Path path{nullptr, "push_chunk"};
+      out->body = PushChunk{in.getPushChunk().getOffset()};
+      return d.UseFrame(1, path.Field("frame"));
+    }
   }
   return InvalidArgumentError("request: unknown body type " +
                               std::to_string(static_cast<int>(in.which())));
@@ -1093,8 +1109,9 @@ namespace {
 constexpr std::array<std::string_view, kNumOptimizerKinds> kOptimizerNames = {
     "sgd", "momentum", "adagrad", "adam", "adamw"};
 constexpr std::array<std::string_view, std::variant_size_v<RequestBody>> kRequestNames = {
-    "hello",   "heartbeat", "create_variable",   "push",       "pull",  "advance_clock",
-    "barrier", "set_mode",  "set_learning_rate", "checkpoint", "stats", "shutdown"};
+    "hello",     "heartbeat", "create_variable",   "push",       "pull",  "advance_clock",
+    "barrier",   "set_mode",  "set_learning_rate", "checkpoint", "stats", "shutdown",
+    "push_chunk"};
 }  // namespace
 
 std::string_view OptimizerKindName(OptimizerKind kind) {

@@ -448,6 +448,11 @@ Payload Payload::Duplicate() const {
   return Copy(std::vector<std::byte>(copy_));
 }
 
+Payload Payload::Slice(size_t offset, size_t size) const {
+  if (borrowed_) return Borrow(data_ + offset, size, owner_);
+  return Copy(std::span<const std::byte>(copy_.data() + offset, size));
+}
+
 // ---------------------------------------------------------------- Frame
 
 Frame Frame::FromBytes(std::span<const std::byte> bytes) {
@@ -458,6 +463,15 @@ Frame Frame::FromBytes(std::span<const std::byte> bytes) {
   frame.data_ = buffer.get();
   frame.size_ = bytes.size();
   frame.holder_ = std::shared_ptr<std::byte[]>(std::move(buffer));
+  return frame;
+}
+
+Frame Frame::Adopt(std::shared_ptr<const void> owner, const std::byte* data, size_t size) {
+  Frame frame;
+  if (size == 0) return frame;
+  frame.data_ = data;
+  frame.size_ = size;
+  frame.holder_ = std::move(owner);
   return frame;
 }
 

@@ -119,6 +119,9 @@ class Client::Impl {
     // A Pull that asked for a chunked reply (Pull::chunk_bytes): where the
     // values of each read go, in read order. Empty otherwise.
     std::vector<std::span<float>> pull_into;
+    // A Push whose one payload goes in PushChunk pieces of this many bytes
+    // (Push::chunks set); 0: whole.
+    size_t push_chunk_bytes = 0;
   };
 
   Impl(const ClientOptions& options, Client* owner) : options_(options), owner_(owner) {}
@@ -143,12 +146,22 @@ class Client::Impl {
   // once otherwise (the holder completes the request). Called by Wait().
   static void DriveUntilAnswered(RequestHandle::State& state, Clock::time_point deadline);
   uint64_t NextId() { return next_id_.fetch_add(1); }
+  // Whether tensors to and from shard likely travel through shared memory
+  // (co-located, and offered): then nothing is sent in pieces.
+  bool SharedMemoryShard(int shard) const {
+    return socket_options_.shared_memory &&
+           transport::IsLocalEndpoint(options_.ps_endpoints[shard]);
+  }
   // The piece size to ask shard for in a Pull (0: whole replies); see
   // ClientOptions::pull_chunk_bytes.
   size_t PullChunkBytes(int shard) const {
-    const bool shared_memory =
-        socket_options_.shared_memory && transport::IsLocalEndpoint(options_.ps_endpoints[shard]);
-    return shared_memory ? 0 : options_.pull_chunk_bytes;
+    return SharedMemoryShard(shard) ? 0 : options_.pull_chunk_bytes;
+  }
+  // The piece size of a large dense push to shard (0: whole); see
+  // ClientOptions::push_chunk_bytes.
+  size_t PushChunkBytes(int shard) const {
+    if (SharedMemoryShard(shard) || options_.push_chunk_bytes == 0) return 0;
+    return (std::max<size_t>(options_.push_chunk_bytes, 64 * 1024) + 63) / 64 * 64;
   }
   // The hello of this client (Connect, and again after a lost connection).
   protocol::Hello MakeHello() const;
@@ -228,7 +241,17 @@ class Client::Impl {
     int64_t chunks_left = -1;
     size_t bytes_left = 0;
     Status chunk_status;
+    // A chunked push (Outgoing::push_chunk_bytes): the piece size, and the
+    // request whose id, worker and clock the pieces' headers repeat.
+    size_t push_chunk_bytes = 0;
+    Request piece;
   };
+  // Sends p's message to `shard`: its header and `payloads`, or for a
+  // chunked push the header alone and then one PushChunk message per piece
+  // of its one payload. `observed`: the request, shown to the observer
+  // (null: not shown). The socket's error, if any.
+  Status SendMessage(int shard, const Pending& p, std::vector<Payload> payloads,
+                     const Request* observed);
   // The connection to one shard, as the lease holder sees it.
   struct Link {
     std::unique_ptr<transport::Socket> monitor;  // its socket's connection events
@@ -500,15 +523,15 @@ void Client::Impl::SendQueued() {
 void Client::Impl::SendCommand(Command& cmd) {
   for (size_t i = 0; i < cmd.messages.size(); ++i) {
     Outgoing& m = cmd.messages[i];
-    transport::OutMessage out;
-    out.reserve(1 + m.payloads.size());
-    out.push_back(Payload::Copy(std::span<const std::byte>(cmd.headers[i])));
-    for (auto& p : m.payloads) out.push_back(std::move(p));
     uint64_t id = m.request.request_id;
     bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
-    Pending pending{m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true, -1, {}, -1, 0,
-                    {}};
+    Pending pending{
+        m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true, -1, {}, -1, 0, {}, 0, {}};
     pending.pull_into = std::move(m.pull_into);
+    pending.push_chunk_bytes = m.push_chunk_bytes;
+    pending.piece.request_id = id;
+    pending.piece.worker_id = m.request.worker_id;
+    pending.piece.clock = m.request.clock;
     if (const auto* push = std::get_if<protocol::Push>(&m.request.body);
         (push != nullptr && push->advance_clock) ||
         std::holds_alternative<protocol::AdvanceClock>(m.request.body))
@@ -530,10 +553,10 @@ void Client::Impl::SendCommand(Command& cmd) {
       outstanding_.fetch_add(1);
       continue;
     }
-    pending_[id] = std::move(pending);
+    Pending& stored = pending_[id];
+    stored = std::move(pending);
     outstanding_.fetch_add(1);
-    if (options_.observer) options_.observer->OnSend(m.shard, m.request, out);
-    Status s = sockets_[m.shard]->Send(std::move(out), std::chrono::milliseconds(0));
+    Status s = SendMessage(m.shard, stored, std::move(m.payloads), &m.request);
     if (!s.ok()) {
       // The DEALER queue is full or the socket failed: report it now.
       Pending p = std::move(pending_[id]);
@@ -545,6 +568,34 @@ void Client::Impl::SendCommand(Command& cmd) {
     }
     last_send_[m.shard] = Clock::now();
   }
+}
+
+Status Client::Impl::SendMessage(int shard, const Pending& p, std::vector<Payload> payloads,
+                                 const Request* observed) {
+  transport::Socket& socket = *sockets_[static_cast<size_t>(shard)];
+  const bool chunked = p.push_chunk_bytes > 0 && payloads.size() == 1;
+  transport::OutMessage out;
+  out.reserve(1 + payloads.size());
+  out.push_back(Payload::Copy(std::span<const std::byte>(p.header)));
+  if (!chunked)
+    for (auto& x : payloads) out.push_back(std::move(x));
+  if (options_.observer && observed) options_.observer->OnSend(shard, *observed, out);
+  DV_RETURN_IF_ERROR(socket.Send(std::move(out), std::chrono::milliseconds(0)));
+  if (!chunked) return OkStatus();
+  // The pieces, front to back, each a message of its own (zero-copy slices
+  // of the caller's gradient).
+  const Payload& whole = payloads[0];
+  Request piece = p.piece;
+  for (size_t offset = 0; offset < whole.size(); offset += p.push_chunk_bytes) {
+    piece.body = protocol::PushChunk{offset};
+    transport::OutMessage m;
+    m.reserve(2);
+    m.push_back(Payload::Copy(protocol::EncodeRequest(piece)));
+    m.push_back(whole.Slice(offset, std::min(p.push_chunk_bytes, whole.size() - offset)));
+    if (options_.observer && observed) options_.observer->OnSend(shard, piece, m);
+    DV_RETURN_IF_ERROR(socket.Send(std::move(m), std::chrono::milliseconds(0)));
+  }
+  return OkStatus();
 }
 
 void Client::Impl::HandleMessage(int shard, InMessage& msg) {
@@ -899,12 +950,10 @@ void Client::Impl::Resend(int shard) {
       CompleteOne(gone, CancelledError("abandoned"));
       continue;
     }
-    transport::OutMessage out;
-    out.reserve(1 + p.frames.size());
-    out.push_back(Payload::Copy(std::span<const std::byte>(p.header)));
-    for (const Payload& f : p.frames) out.push_back(f.Duplicate());
-    Status s =
-        sockets_[static_cast<size_t>(shard)]->Send(std::move(out), std::chrono::milliseconds(0));
+    std::vector<Payload> frames;
+    frames.reserve(p.frames.size());
+    for (const Payload& f : p.frames) frames.push_back(f.Duplicate());
+    Status s = SendMessage(shard, p, std::move(frames), nullptr);
     if (!s.ok()) {
       Pending failed = std::move(p);
       pending_.erase(it);
@@ -997,7 +1046,7 @@ void Client::Impl::Run() {
   std::lock_guard<std::mutex> queue_lock(queue_mu_);
   for (auto& cmd : queue_)
     for (auto& m : cmd.messages) {
-      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true, -1, {}, -1, 0, {}};
+      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true, -1, {}, -1, 0, {}, 0, {}};
       CompleteOne(p, CancelledError("client shut down"));
     }
   queue_.clear();
@@ -1413,7 +1462,19 @@ RequestHandle Client::Push(std::vector<PushSource> sources, bool advance_clock) 
   }
   token.reset();  // the payloads hold it now
   std::vector<Impl::Outgoing> msgs;
-  for (auto& [s, m] : by_shard) msgs.push_back(std::move(m));
+  for (auto& [s, m] : by_shard) {
+    // One large dense gradient: in pieces, each checked and applied by the
+    // server while the next is on its way.
+    auto& push = std::get<protocol::Push>(m.request.body);
+    const size_t chunk = impl_->PushChunkBytes(s);
+    if (chunk > 0 && push.updates.size() == 1 && m.payloads.size() == 1 &&
+        m.payloads[0].size() >= 2 * chunk) {
+      push.chunks = static_cast<uint32_t>((m.payloads[0].size() + chunk - 1) / chunk);
+      push.updates[0].values.frame = 0;
+      m.push_chunk_bytes = chunk;
+    }
+    msgs.push_back(std::move(m));
+  }
   if (advance_clock) clock_.fetch_add(1);
   {
     std::lock_guard<std::mutex> lock(impl_->stats_mu_);

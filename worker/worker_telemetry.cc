@@ -186,6 +186,13 @@ void WorkerTelemetry::OnStep(const StepTiming& t) {
 
 void WorkerTelemetry::OnSend(int shard, const protocol::Request& request,
                              const transport::OutMessage& message) {
+  if (std::holds_alternative<protocol::PushChunk>(request.body)) {
+    // A piece of a chunked push (sent after it): its bytes are the push's.
+    const size_t push = protocol::RequestBody(protocol::Push{}).index();
+    if (sent_bytes_[push] != nullptr)
+      sent_bytes_[push]->Increment(static_cast<double>(MessageBytes(message)));
+    return;
+  }
   const size_t type = request.body.index();
   if (requests_[type] != nullptr) {
     requests_[type]->Increment();

@@ -120,6 +120,17 @@ inline std::vector<SampleRequest> SampleRequests() {
   }
   add("push_empty", Push{{}, true});
   {
+    // The header of a chunked push; its values follow in 16 PushChunk messages.
+    Push push;
+    push.updates.push_back({"dense_1/kernel",
+                            TensorRef{0, DType::kF32, Encoding::kRaw, {4096, 1024}},
+                            RowRange{0, 4096}});
+    push.advance_clock = true;
+    push.chunks = 16;
+    add("push_chunked", std::move(push));
+    add("push_chunk", PushChunk{uint64_t{15} << 20}, {1 << 20});
+  }
+  {
     std::vector<size_t> sizes;
     Pull pull;
     pull.reads.push_back({"dense_1/kernel", Encoding::kRaw, RowRange{0, 392}});

@@ -246,11 +246,13 @@ TEST(ProtocolTest, LongReplyMessageIsCutAtAUtf8Boundary) {
 
 TEST(ProtocolTest, RequestTypeNames) {
   const char* expected[] = {
-      "hello",   "heartbeat", "create_variable",   "push",       "pull",  "advance_clock",
-      "barrier", "set_mode",  "set_learning_rate", "checkpoint", "stats", "shutdown"};
+      "hello",     "heartbeat", "create_variable",   "push",       "pull",  "advance_clock",
+      "barrier",   "set_mode",  "set_learning_rate", "checkpoint", "stats", "shutdown",
+      "push_chunk"};
   RequestBody bodies[] = {
-      Hello{},   Heartbeat{}, CreateVariable{},  Push{},       Pull{},  AdvanceClock{},
-      Barrier{}, SetMode{},   SetLearningRate{}, Checkpoint{}, Stats{}, Shutdown{}};
+      Hello{},    Heartbeat{}, CreateVariable{},  Push{},       Pull{},  AdvanceClock{},
+      Barrier{},  SetMode{},   SetLearningRate{}, Checkpoint{}, Stats{}, Shutdown{},
+      PushChunk{}};
   static_assert(std::size(bodies) == std::variant_size_v<RequestBody>);
   for (size_t i = 0; i < std::size(bodies); ++i) {
     EXPECT_EQ(bodies[i].index(), i);
@@ -655,6 +657,33 @@ TEST(ProtocolTest, ChunkedPullRepliesAreChecked) {
   ExpectInvalid(DecodeReplyStatus(EncodeReply(piece), {}),
                 "pull_chunk.frame: frame 1 is out of range");
   ExpectInvalid(DecodeReplyStatus(EncodeReply(piece), {8, 8}), "unexpected payload frame 2");
+}
+
+TEST(ProtocolTest, ChunkedPushesAreChecked) {
+  // One dense update whose values name no frame; the header carries none.
+  Update u{"w", TensorRef{0, DType::kF32, Encoding::kRaw, {1024}}, RowRange{0, 1024}};
+  Request header = PushRequest({u});
+  std::get<Push>(header.body).chunks = 4;
+  ASSERT_TRUE(DecodeRequestStatus(EncodeRequest(header), {}).ok());
+  ExpectInvalid(DecodeRequestStatus(EncodeRequest(header), {4096}), "unexpected payload frame 1");
+  std::get<Push>(header.body).updates[0].values.frame = 1;
+  ExpectInvalid(DecodeRequestStatus(EncodeRequest(header), {4096}),
+                "push.updates[0].values: frame 1 given for values that follow in chunks");
+  // Never two updates, never sparse rows.
+  std::get<Push>(header.body).updates[0].values.frame = 0;
+  std::get<Push>(header.body).updates.push_back(u);
+  ExpectInvalid(DecodeRequestStatus(EncodeRequest(header), {}),
+                "push.chunks: a chunked push carries exactly one dense update, not 2 update(s)");
+  std::get<Push>(header.body).updates.pop_back();
+  std::get<Push>(header.body).updates[0].rows = TensorRef{0, DType::kI64, Encoding::kRaw, {1024}};
+  EXPECT_FALSE(DecodeRequestStatus(EncodeRequest(header), {}).ok());
+  // A piece has exactly one payload frame.
+  Request piece;
+  piece.body = PushChunk{4096};
+  ASSERT_TRUE(DecodeRequestStatus(EncodeRequest(piece), {4096}).ok());
+  ExpectInvalid(DecodeRequestStatus(EncodeRequest(piece), {}),
+                "push_chunk.frame: frame 1 is out of range");
+  ExpectInvalid(DecodeRequestStatus(EncodeRequest(piece), {8, 8}), "unexpected payload frame 2");
 }
 
 TEST(ProtocolTest, NegativeAndOverflowingDimensionsAreRejected) {

@@ -156,7 +156,17 @@ struct Update {
 struct Push {
   std::vector<Update> updates;
   bool advance_clock = false;
+  // 0: the values are this message's payload frames. Else exactly one dense
+  // update, its values.frame 0, and its values follow in this many
+  // PushChunk messages with the same request id.
+  uint32_t chunks = 0;
   friend bool operator==(const Push&, const Push&) = default;
+};
+// A piece of a chunked push: values bytes [offset, offset + frame size) of
+// its one update; its one payload frame (frame 1) holds them.
+struct PushChunk {
+  uint64_t offset = 0;
+  friend bool operator==(const PushChunk&, const PushChunk&) = default;
 };
 struct Read {
   std::string variable;
@@ -204,8 +214,9 @@ struct Shutdown {
   friend bool operator==(const Shutdown&, const Shutdown&) = default;
 };
 
-using RequestBody = std::variant<Hello, Heartbeat, CreateVariable, Push, Pull, AdvanceClock,
-                                 Barrier, SetMode, SetLearningRate, Checkpoint, Stats, Shutdown>;
+using RequestBody =
+    std::variant<Hello, Heartbeat, CreateVariable, Push, Pull, AdvanceClock, Barrier, SetMode,
+                 SetLearningRate, Checkpoint, Stats, Shutdown, PushChunk>;
 
 struct Request {
   uint64_t request_id = 0;

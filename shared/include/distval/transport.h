@@ -112,6 +112,10 @@ class Payload {
   // Another payload over the same bytes, to send the frame again: a Borrow
   // shares the owner (released once both are done), a Copy is copied.
   Payload Duplicate() const;
+  // Bytes [offset, offset + size) of this payload as a payload of their own
+  // (a Borrow shares the owner, a Copy is copied), e.g. to send a large
+  // frame in pieces. Precondition: offset + size <= this->size().
+  Payload Slice(size_t offset, size_t size) const;
 
   Payload(Payload&&) noexcept = default;
   Payload& operator=(Payload&&) noexcept = default;
@@ -137,6 +141,9 @@ class Frame {
   // An in-memory frame holding a copy of `bytes` in 64-byte aligned storage
   // (for tests, fakes and in-process loopback).
   static Frame FromBytes(std::span<const std::byte> bytes);
+  // A frame over `size` bytes at `data`, kept alive by `owner` (no copy):
+  // e.g. a buffer a receiver assembled from several messages.
+  static Frame Adopt(std::shared_ptr<const void> owner, const std::byte* data, size_t size);
 
   // Null for an empty frame.
   const std::byte* data() const { return data_; }
@@ -436,9 +443,9 @@ StatusOr<std::vector<size_t>> PollReadable(std::span<Socket* const> sockets,
 // Like PollReadable, and also watches plain file descriptors (e.g. an
 // eventfd used to wake an I/O thread). Returned indices number the sockets
 // first (0 .. sockets.size()-1), then the fds.
-StatusOr<std::vector<size_t>> PollReadableWithFds(
-    std::span<Socket* const> sockets, std::span<const int> fds,
-    std::optional<std::chrono::milliseconds> timeout);
+StatusOr<std::vector<size_t>> PollReadableWithFds(std::span<Socket* const> sockets,
+                                                  std::span<const int> fds,
+                                                  std::optional<std::chrono::milliseconds> timeout);
 
 }  // namespace distval::transport
 

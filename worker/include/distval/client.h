@@ -79,6 +79,13 @@ struct ClientOptions {
   // asked of co-located shards when shared_memory is on (no transfer to
   // overlap there) nor by PullViews (its views are the received frames).
   size_t pull_chunk_bytes = size_t{1} << 20;
+  // Pushes to one shard whose only update is a dense gradient of at least
+  // twice this many bytes send it in pieces of this size, each a message of
+  // its own (Push::chunks, PushChunk), so that the server checks and applies
+  // each piece while the next is still arriving (the push is acknowledged,
+  // all or nothing, after the last). 0: whole. Rounded up to 64 KiB at
+  // least. Not used toward co-located shards when shared_memory is on.
+  size_t push_chunk_bytes = size_t{1} << 20;
   // Keep freed heap memory for reuse (distval/malloc_tuning.h: glibc's
   // M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 64 MiB, process-wide, set once
   // by the first client that asks): every message ZeroMQ receives is a fresh
