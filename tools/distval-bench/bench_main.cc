@@ -95,7 +95,9 @@ int main(int argc, char** argv) {
   app.add_option("--train-limit", config.train_limit,
                  "training examples per end-to-end run (default 60000, 12000 with --quick)");
   app.add_option("--tmp-dir", tmp_dir, "where logs and port files go (default $TMPDIR or /tmp)");
-  app.add_flag("--verbose", config.verbose, "print per-figure timings on stderr");
+  app.add_flag("--verbose", config.verbose,
+               "print every sample, and the CPU time and minor page faults per operation of client "
+               "and server, on stderr");
   app.add_option("--serve-raw", serve_raw, "internal: run the raw ZeroMQ echo server")->group("");
   CLI11_PARSE(app, argc, argv);
 
