@@ -182,8 +182,6 @@ FloatPayload ToFloats(const protocol::TensorRef& ref, const Frame& frame) {
   return out;
 }
 
-// Makes every frame of `msg` complete (see transport::Frame::streaming):
-// waits for streaming ones, reads ring ones through into owned storage.
 // The piece size of a chunked pull reply of `total` bytes, for a sender that
 // asked for pieces of `asked` bytes (Pull::chunk_bytes); 0: reply whole (not
 // asked, or it would be a single piece). Pieces are at least 64 KiB, a
@@ -198,6 +196,8 @@ size_t PullChunkBytes(uint64_t asked, size_t total) {
   return total > chunk ? chunk : 0;
 }
 
+// Makes every frame of `msg` complete (see transport::Frame::streaming):
+// waits for streaming ones, reads ring ones through into owned storage.
 Status WaitComplete(InMessage& msg) {
   for (Frame& f : msg) {
     if (!f.streaming()) continue;

@@ -441,6 +441,7 @@ StatusOr<VariableStore::CheckedUpdate> VariableStore::BeginCheckedUpdate(Variabl
   u.end_ = v.LocalOffset(rows.end);
   u.lr_scale_ = lr_scale;
   u.version_ = v.version_.load(std::memory_order_relaxed);
+  u.learning_rate_ = v.learning_rate();
   // Its own buffer: the spare when nobody holds it (it stays the update's
   // until Commit, so that another update meanwhile cannot write it).
   if (v.spare_ && v.spare_.use_count() == 1) {
@@ -466,7 +467,8 @@ Status VariableStore::CheckedUpdate::Piece(const float* grad, int64_t n, size_t*
   *non_finite += bad;
   poisoned_ = poisoned_ || bad > 0;
   // Nothing to compute once it cannot be committed.
-  if (!poisoned_ && v_->version_.load(std::memory_order_relaxed) == version_) {
+  if (!poisoned_ && v_->version_.load(std::memory_order_relaxed) == version_ &&
+      v_->learning_rate() == learning_rate_) {
     std::shared_lock lock(v_->mu_);
     const float* in = v_->params_->data_as<float>();
     float* out = out_->data_as<float>();
@@ -495,7 +497,8 @@ Status VariableStore::CheckedUpdate::Commit() {
     why = FailedPreconditionError("checked update of " + Quoted(v.name()) + ": " +
                                   std::to_string(done_) + " of " + std::to_string(end_ - begin_) +
                                   " elements came");
-  } else if (v.version_.load(std::memory_order_relaxed) != version_) {
+  } else if (v.version_.load(std::memory_order_relaxed) != version_ ||
+             v.learning_rate() != learning_rate_) {
     why = AbortedError("checked update of " + Quoted(v.name()) +
                        ": the variable changed while its gradient was arriving");
   }

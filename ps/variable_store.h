@@ -247,9 +247,10 @@ class VariableStore {
     Status Piece(const float* grad, int64_t n, size_t* non_finite, const RangeRunner& runner = {});
     // Swaps the result in (the optimizer's step and the version advance as
     // for one apply) when every element came, all finite, and nothing else
-    // changed the variable since Begin. Otherwise changes nothing and says
-    // why: InvalidArgument (non-finite values), FailedPrecondition (pieces
-    // missing), Aborted (the variable changed meanwhile).
+    // changed the variable (its values or its learning rate) since Begin.
+    // Otherwise changes nothing and says why: InvalidArgument (non-finite
+    // values), FailedPrecondition (pieces missing), Aborted (the variable
+    // changed meanwhile).
     Status Commit();
 
    private:
@@ -257,7 +258,8 @@ class VariableStore {
     Variable* v_ = nullptr;
     int64_t begin_ = 0, end_ = 0, done_ = 0;  // elements of the shard buffer
     float lr_scale_ = 1;
-    uint64_t version_ = 0;  // v_'s version at Begin
+    uint64_t version_ = 0;      // v_'s version at Begin
+    double learning_rate_ = 0;  // and its learning rate
     bool poisoned_ = false;
     std::shared_ptr<Tensor> out_;
   };

@@ -1,8 +1,11 @@
 // The VariableStore paths the performance work added: a dense apply of a
-// gradient that arrives piece by piece (ApplyDenseStreaming) and parameter
-// buffers from a caller's allocator (shared memory on the server).
+// gradient that arrives piece by piece (ApplyDenseStreaming, and the checked
+// update fed over several calls, CheckedUpdate) and parameter buffers from a
+// caller's allocator (shared memory on the server).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -98,6 +101,108 @@ TEST(ApplyDenseStreamingTest, AFailedFetchKeepsWhatWasAppliedAndTheRestUnchanged
   EXPECT_EQ((*v)->version(), 1u);  // the step happened
   EXPECT_EQ(VariableStore::ApplyDenseStreaming(**v, {0, kN}, 0, nullptr, 1.0f, 1.0f).code(),
             StatusCode::kInvalidArgument);
+}
+
+VariableSpec SgdSpec(std::string name, int64_t n) {
+  VariableSpec s = AdamSpec(std::move(name), n);
+  s.optimizer.kind = OptimizerKind::kSgd;
+  s.optimizer.learning_rate = 0.25;
+  return s;
+}
+
+// Feeds g to `u` in pieces of `piece` elements.
+void FeedPieces(VariableStore::CheckedUpdate& u, const std::vector<float>& g, int64_t piece,
+                size_t* non_finite) {
+  const auto n = static_cast<int64_t>(g.size());
+  for (int64_t b = 0; b < n; b += piece)
+    ASSERT_TRUE(u.Piece(g.data() + b, std::min(piece, n - b), non_finite).ok());
+}
+
+TEST(CheckedUpdateTest, PiecesOverSeveralCallsEqualOneApplyBitForBit) {
+  constexpr int64_t kN = 100003;
+  VariableStore store;
+  auto a = store.Create(SgdSpec("a", kN), {0, kN}, nullptr);
+  auto b = store.Create(SgdSpec("b", kN), {0, kN}, nullptr);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (int step = 0; step < 3; ++step) {
+    const auto g = RandomGradient(kN, static_cast<uint32_t>(10 + step));
+    ASSERT_TRUE(VariableStore::ApplyDense(**a, {0, kN}, g.data(), 1.0f, 1.0f).ok());
+    auto u = VariableStore::BeginCheckedUpdate(**b, {0, kN}, 1.0f);
+    ASSERT_TRUE(u.ok()) << u.status();
+    size_t bad = 0;
+    // Readers in between see the old values, and a snapshot keeps them.
+    const auto before = ReadAll(**b);
+    FeedPieces(*u, std::vector<float>(g.begin(), g.begin() + 50000), 4096, &bad);
+    ParamsSnapshot held = VariableStore::Snapshot(**b);
+    EXPECT_EQ(ReadAll(**b), before);
+    FeedPieces(*u, std::vector<float>(g.begin() + 50000, g.end()), 4096, &bad);
+    EXPECT_EQ(bad, 0u);
+    ASSERT_TRUE(u->Commit().ok());
+    ASSERT_EQ(ReadAll(**a), ReadAll(**b)) << "step " << step;
+    EXPECT_EQ((*b)->version(), static_cast<uint64_t>(step + 1));
+    EXPECT_EQ(std::vector<float>(held.params->data_as<float>(), held.params->data_as<float>() + kN),
+              before);
+  }
+}
+
+TEST(CheckedUpdateTest, ANonFiniteValueOrAMissingPieceChangesNothing) {
+  constexpr int64_t kN = 10000;
+  VariableStore store;
+  auto v = store.Create(SgdSpec("v", kN), {0, kN}, nullptr);
+  ASSERT_TRUE(v.ok());
+  const auto before = ReadAll(**v);
+  auto g = RandomGradient(kN, 5);
+  g[kN - 1] = std::numeric_limits<float>::infinity();
+  auto u = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+  ASSERT_TRUE(u.ok());
+  size_t bad = 0;
+  FeedPieces(*u, g, 1000, &bad);
+  EXPECT_EQ(bad, 1u);
+  EXPECT_EQ(u->Commit().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ReadAll(**v), before);
+  EXPECT_EQ((*v)->version(), 0u);
+  // Half the gradient, then Commit: nothing either.
+  g[kN - 1] = 0;
+  auto half = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+  ASSERT_TRUE(half.ok());
+  ASSERT_TRUE(half->Piece(g.data(), kN / 2, &bad).ok());
+  EXPECT_EQ(half->Piece(g.data(), kN, &bad).code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(half->Commit().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ReadAll(**v), before);
+  EXPECT_EQ((*v)->version(), 0u);
+  // Only for rules without state.
+  auto adam = store.Create(AdamSpec("adam", kN), {0, kN}, nullptr);
+  ASSERT_TRUE(adam.ok());
+  EXPECT_EQ(VariableStore::BeginCheckedUpdate(**adam, {0, kN}, 1.0f).status().code(),
+            StatusCode::kFailedPrecondition);
+}
+
+TEST(CheckedUpdateTest, AnUpdateInBetweenMakesTheCommitStepAside) {
+  constexpr int64_t kN = 10000;
+  VariableStore store;
+  auto v = store.Create(SgdSpec("v", kN), {0, kN}, nullptr);
+  ASSERT_TRUE(v.ok());
+  const auto g1 = RandomGradient(kN, 1), g2 = RandomGradient(kN, 2);
+  auto u = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+  ASSERT_TRUE(u.ok());
+  size_t bad = 0;
+  FeedPieces(*u, std::vector<float>(g1.begin(), g1.begin() + 5000), 1000, &bad);
+  // Another push gets in: the checked update must not overwrite it.
+  ASSERT_TRUE(VariableStore::ApplyDense(**v, {0, kN}, g2.data(), 1.0f, 1.0f).ok());
+  const auto after_other = ReadAll(**v);
+  FeedPieces(*u, std::vector<float>(g1.begin() + 5000, g1.end()), 1000, &bad);
+  EXPECT_EQ(u->Commit().code(), StatusCode::kAborted);
+  EXPECT_EQ(ReadAll(**v), after_other);
+  EXPECT_EQ((*v)->version(), 1u);
+  // So does a new learning rate (the pieces so far used the old one).
+  auto w = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+  ASSERT_TRUE(w.ok());
+  FeedPieces(*w, std::vector<float>(g1.begin(), g1.begin() + 5000), 1000, &bad);
+  ASSERT_TRUE(store.SetLearningRate("v", 0.5).ok());
+  FeedPieces(*w, std::vector<float>(g1.begin() + 5000, g1.end()), 1000, &bad);
+  EXPECT_EQ(w->Commit().code(), StatusCode::kAborted);
+  EXPECT_EQ(ReadAll(**v), after_other);
+  EXPECT_EQ(bad, 0u);
 }
 
 TEST(VariableStoreAllocatorTest, ParametersAndSparesComeFromTheAllocator) {
