@@ -251,6 +251,14 @@ std::vector<Seed> Seeds() {
                  update("dense/b", Ref(2, {8}), protocol::RowRange{0, 8})};
     add("push_nan_raw", Make(p), {Encode(g, Encoding::kRaw), Encode(Ramp(8), Encoding::kRaw)},
         StatusCode::kInvalidArgument);
+    // A chunked push: the header (answered once its pieces are in), and a
+    // piece of a push that is not arriving.
+    protocol::Push chunked;
+    chunked.updates = {update("dense/w", Ref(0, {16, 8}), protocol::RowRange{0, 16})};
+    chunked.chunks = 2;
+    add("push_chunked_header", Make(chunked), {}, StatusCode::kOk, /*answered_now=*/false);
+    add("push_chunk_orphan", Make(protocol::PushChunk{256}), {Encode(Ramp(64), Encoding::kRaw)},
+        StatusCode::kNotFound);
     std::vector<float> b = Ramp(8);
     b[3] = -inf;
     p.updates[1].values.encoding = Encoding::kF16;
