@@ -266,7 +266,11 @@ class Server::Impl {
     bool checked = false;
     size_t non_finite = 0;
     VariableStore::CheckedUpdate* fused = nullptr;
+    // The values were kept as the pieces they came in (frame 1 is empty):
+    // assemble() copies them into one frame; apply_pieces (when set) applies
+    // them from where they are, as ApplyDense would.
     std::function<StatusOr<Frame>()> assemble;
+    std::function<Status(Variable&, protocol::RowRange, float lr_scale)> apply_pieces;
   };
   Status HandlePush(const Frame& identity, const Request& req, InMessage& msg,
                     PushPrep* prep = nullptr);
@@ -920,8 +924,10 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
         s = prep->fused->Commit();
         if (s.code() == StatusCode::kAborted) {
           // Another update got in while the pieces arrived: this one goes
-          // after it, applied the ordinary way.
-          DV_ASSIGN_OR_RETURN(frame, prep->assemble());
+          // after it, applied the ordinary way (from its pieces, below).
+          if (!prep->apply_pieces) {
+            DV_ASSIGN_OR_RETURN(frame, prep->assemble());
+          }
           checked_streaming = nullptr;
           s = OkStatus();
         }
@@ -1018,6 +1024,24 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
       }
       continue;
     }
+    if (prep != nullptr && prep->assemble && frame.size() == 0 && u.values.num_bytes() > 0) {
+      // A chunked push kept as its pieces.
+      if (plan.routes[k] == PushRoute::kApplyNow && range != nullptr && prep->apply_pieces) {
+        apply_timer.Arm();
+        Status s = prep->apply_pieces(*v, *range, lr_scale);
+        if (!s.ok()) {
+          DV_LOG(kError) << "applying an acknowledged push to '" << v->name() << "' failed: " << s;
+        }
+        continue;
+      }
+      auto assembled = prep->assemble();
+      if (!assembled.ok()) {
+        DV_LOG(kError) << "gradient for '" << v->name() << "' from worker " << req.worker_id
+                       << " could not be assembled: " << assembled.status();
+        continue;
+      }
+      frame = std::move(*assembled);
+    }
     if (auto complete = frame.Materialized(); complete.ok()) {
       frame = std::move(*complete);
     } else {
@@ -1095,6 +1119,10 @@ Status Server::Impl::OpenPushStream(const Frame& identity, const Request& req) {
       DV_ASSIGN_OR_RETURN(auto fused, VariableStore::BeginCheckedUpdate(*v, range, 1.0f));
       st.fused.emplace(std::move(fused));
       st.fused_variable = u.variable;
+    }
+    // Applied at once: the pieces are kept and applied from where they are
+    // (no copy); kept for a BSP clock: copied into one buffer as they come.
+    if (applied_now) {
       st.pieces.reserve(push.chunks);
     } else {
       st.values = std::shared_ptr<std::byte[]>(AlignedAlloc(st.total).release(), AlignedFree{});
@@ -1138,12 +1166,14 @@ void Server::Impl::OnPushChunk(const Frame& identity, const Request& req, const 
       const auto n = static_cast<int64_t>(piece.size() / sizeof(float));
       if (st.fused) {
         st.error = st.fused->Piece(g, n, &st.non_finite, runner_);
-        st.pieces.push_back(piece);
-      } else {
-        if (st.check)
-          st.non_finite += protocol::CountNonFinite(piece.bytes(), protocol::Encoding::kRaw);
+      } else if (st.check) {
+        st.non_finite += protocol::CountNonFinite(piece.bytes(), protocol::Encoding::kRaw);
+      }
+      if (st.values) {
         if (!piece.bytes().empty())
           std::memcpy(st.values.get() + offset, piece.data(), piece.size());
+      } else {
+        st.pieces.push_back(piece);
       }
       st.received += piece.size();
     }
@@ -1170,8 +1200,10 @@ void Server::Impl::OnPushChunk(const Frame& identity, const Request& req, const 
   PushPrep prep;
   prep.checked = done.check;
   prep.non_finite = done.non_finite;
-  if (done.fused) {
-    prep.fused = &*done.fused;
+  if (done.fused) prep.fused = &*done.fused;
+  if (done.values) {
+    frames[1] = Frame::Adopt(done.values, done.values.get(), done.total);
+  } else {
     prep.assemble = [&done]() -> StatusOr<Frame> {
       auto values = std::shared_ptr<std::byte[]>(AlignedAlloc(done.total).release(), AlignedFree{});
       size_t at = 0;
@@ -1181,8 +1213,23 @@ void Server::Impl::OnPushChunk(const Frame& identity, const Request& req, const 
       }
       return Frame::Adopt(values, values.get(), done.total);
     };
-  } else {
-    frames[1] = Frame::Adopt(done.values, done.values.get(), done.total);
+    // Pieces of one size (the last may be shorter) are applied from where
+    // they are, one piece at a time, as one optimizer step.
+    const size_t size = done.pieces.empty() ? 0 : done.pieces.front().size();
+    bool regular = size > 0;
+    for (size_t i = 0; regular && i + 1 < done.pieces.size(); ++i)
+      regular = done.pieces[i].size() == size;
+    if (regular) {
+      prep.apply_pieces = [this, &done, size](Variable& v, protocol::RowRange rows,
+                                              float lr_scale) {
+        return VariableStore::ApplyDenseStreaming(
+            v, rows, static_cast<int64_t>(size / sizeof(float)),
+            [&done, size](int64_t begin, int64_t) -> StatusOr<const float*> {
+              return done.pieces[static_cast<size_t>(begin) * sizeof(float) / size].as<float>();
+            },
+            1.0f, lr_scale, runner_);
+      };
+    }
   }
   Status s = HandlePush(done.identity, done.request, frames, &prep);
   if (!s.ok()) SendError(done.identity, done.request.request_id, s);
