@@ -607,6 +607,13 @@ Status Server::Impl::Run() {
     MaybeCheckpoint();
     if (options_.telemetry) options_.telemetry->Publish(*controller_, store_);
   }
+  if (shutdown_requested_) {
+    // The acknowledgement of the shutdown is still queued: let closing the
+    // socket send it (with linger 0 it could be dropped, and the client
+    // would wait for a reconnection that never comes).
+    Status s = socket_->SetLinger(std::chrono::milliseconds(2000));
+    if (!s.ok()) DV_LOG(kWarning) << "cannot keep the last replies on exit: " << s;
+  }
   return OkStatus();
 }
 

@@ -573,6 +573,13 @@ Socket::~Socket() {
   if (socket_ != nullptr) zmq_close(socket_);
 }
 
+Status Socket::SetLinger(std::chrono::milliseconds linger) {
+  const int ms = static_cast<int>(std::max<int64_t>(linger.count(), -1));
+  if (zmq_setsockopt(socket_, ZMQ_LINGER, &ms, sizeof(ms)) != 0)
+    return ZmqError(errno, "ZMQ_LINGER");
+  return OkStatus();
+}
+
 SharedMemoryStats Socket::shared_memory_stats() const {
   return shm_ ? shm_->stats() : SharedMemoryStats{};
 }

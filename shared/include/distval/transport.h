@@ -399,6 +399,11 @@ class Socket {
   // off).
   SharedMemoryStats shared_memory_stats() const;
 
+  // ZMQ_LINGER from now on: how long closing the socket (and terminating
+  // its Context) waits for queued outgoing messages; -1 forever, 0 drop
+  // them. E.g. a server that answers a shutdown request and then exits.
+  Status SetLinger(std::chrono::milliseconds linger);
+
  private:
   Socket(void* socket, SocketType type);
   // Sends the frames of `message` (after the shared-memory layer's changes).
