@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
@@ -25,8 +26,11 @@ namespace {
 using testing::LocalCluster;
 using testing::LocalClusterOptions;
 
+// Worker `index` of `num_workers` on c's shards; `adjust` may change the
+// options before connecting.
 std::unique_ptr<Client> Connect(const LocalCluster& c, int index, int num_workers,
-                                bool shared_memory = true) {
+                                bool shared_memory = true,
+                                const std::function<void(ClientOptions&)>& adjust = {}) {
   ClientOptions o;
   o.shared_memory = shared_memory;
   o.ps_endpoints = c.endpoints();
@@ -34,6 +38,7 @@ std::unique_ptr<Client> Connect(const LocalCluster& c, int index, int num_worker
   o.num_workers = num_workers;
   o.connect_timeout = std::chrono::milliseconds(20000);
   o.heartbeat_interval = std::chrono::milliseconds(200);
+  if (adjust) adjust(o);
   auto client = Client::Connect(o);
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? std::move(*client) : nullptr;
@@ -189,6 +194,18 @@ TEST(ClientIoTest, DestroyingTheClientCancelsARequestInFlight) {
   EXPECT_EQ(s.code(), StatusCode::kCancelled) << s;
 }
 
+// A client over TCP (pieces are for transfers over the network) that sends
+// pushes and asks for pulls in pieces of the given sizes (0: whole).
+std::unique_ptr<Client> ConnectPieces(const LocalCluster& c, int index, int num_workers,
+                                      size_t push_chunk_bytes, size_t pull_chunk_bytes,
+                                      ClientObserver* observer) {
+  return Connect(c, index, num_workers, /*shared_memory=*/false, [&](ClientOptions& o) {
+    o.push_chunk_bytes = push_chunk_bytes;
+    o.pull_chunk_bytes = pull_chunk_bytes;
+    o.observer = observer;
+  });
+}
+
 // Counts the pieces of chunked pull replies a client receives.
 class ChunkCounter : public ClientObserver {
  public:
@@ -213,19 +230,8 @@ TEST(ClientIoTest, ChunkedPullsLandEveryByteInTheCallersBuffer) {
   auto cluster = LocalCluster::Start(AsyncCluster(2, 1));
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   ChunkCounter chunked_counter, whole_counter;
-  auto connect = [&](size_t chunk_bytes, ClientObserver* observer) {
-    ClientOptions o;
-    o.shared_memory = false;  // pieces are for transfers over the network
-    o.ps_endpoints = cluster->endpoints();
-    o.connect_timeout = std::chrono::milliseconds(20000);
-    o.pull_chunk_bytes = chunk_bytes;
-    o.observer = observer;
-    auto client = Client::Connect(o);
-    EXPECT_TRUE(client.ok()) << client.status();
-    return client.ok() ? std::move(*client) : nullptr;
-  };
-  auto chunked = connect(64 * 1024, &chunked_counter);
-  auto whole = connect(0, &whole_counter);
+  auto chunked = ConnectPieces(*cluster, 0, 1, 0, 64 * 1024, &chunked_counter);
+  auto whole = ConnectPieces(*cluster, 0, 1, 0, 0, &whole_counter);
   ASSERT_NE(chunked, nullptr);
   ASSERT_NE(whole, nullptr);
   // 300001 floats over two shards (~600 KB each: 10 pieces, the last one
@@ -274,21 +280,6 @@ class PushPieceCounter : public ClientObserver {
   std::atomic<int> pieces{0};
 };
 
-std::unique_ptr<Client> ConnectPieces(const LocalCluster& c, int index, int num_workers,
-                                      size_t push_chunk_bytes, ClientObserver* observer) {
-  ClientOptions o;
-  o.shared_memory = false;  // pieces are for transfers over the network
-  o.ps_endpoints = c.endpoints();
-  o.worker_index = index;
-  o.num_workers = num_workers;
-  o.connect_timeout = std::chrono::milliseconds(20000);
-  o.push_chunk_bytes = push_chunk_bytes;
-  o.observer = observer;
-  auto client = Client::Connect(o);
-  EXPECT_TRUE(client.ok()) << client.status();
-  return client.ok() ? std::move(*client) : nullptr;
-}
-
 // Gradient `step` of a test: small integers, different at every element.
 std::vector<float> TestGradient(int64_t n, int step) {
   std::vector<float> g(static_cast<size_t>(n));
@@ -311,8 +302,8 @@ TEST(ClientIoTest, PushesInPiecesApplyExactlyWhatWholePushesApply) {
     ASSERT_TRUE(pieces_cluster.ok()) << pieces_cluster.status();
     ASSERT_TRUE(whole_cluster.ok()) << whole_cluster.status();
     PushPieceCounter counter;
-    auto pieces = ConnectPieces(*pieces_cluster, 0, 1, 64 * 1024, &counter);
-    auto whole = ConnectPieces(*whole_cluster, 0, 1, 0, nullptr);
+    auto pieces = ConnectPieces(*pieces_cluster, 0, 1, 64 * 1024, 0, &counter);
+    auto whole = ConnectPieces(*whole_cluster, 0, 1, 0, 0, nullptr);
     ASSERT_NE(pieces, nullptr);
     ASSERT_NE(whole, nullptr);
     constexpr int64_t kN = 300001;  // 19 pieces of 64 KiB, the last one short
@@ -371,7 +362,7 @@ TEST(ClientIoTest, InterleavedPushesInPiecesLoseNothing) {
   constexpr int kSteps = 20;
   std::vector<std::unique_ptr<Client>> clients;
   for (int w = 0; w < 2; ++w) {
-    clients.push_back(ConnectPieces(*cluster, w, 2, 64 * 1024, nullptr));
+    clients.push_back(ConnectPieces(*cluster, w, 2, 64 * 1024, 0, nullptr));
     ASSERT_NE(clients.back(), nullptr);
     ASSERT_TRUE(clients.back()->CreateVariable("v", DType::kF32, Shape{kN}, Accumulator()).ok());
   }

@@ -175,6 +175,18 @@ Measure WithCpuUse(const BenchConfig& config, Measure measure, pid_t server, std
   };
 }
 
+// The measure of one operation: seconds per `op` (per config.timing), and
+// with --verbose its CPU use and that of `server` (see WithCpuUse).
+Measure TimedOp(const BenchConfig& config, std::function<Status()> op, pid_t server,
+                std::string label) {
+  return WithCpuUse(
+      config,
+      [&config, op = std::move(op)]() -> StatusOr<double> {
+        return SecondsPerIteration(op, config.timing);
+      },
+      server, std::move(label));
+}
+
 }  // namespace
 
 Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
@@ -190,31 +202,19 @@ Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>&
     const pid_t raw_pid = raw.processes.at(0).pid(), ps_pid = ps.processes.at(0).pid();
     const std::string label = SizeLabel(size);
     const std::vector<Measure> measures = {
-        WithCpuUse(
+        TimedOp(
+            config, [&] { return raw_client->RoundTrip(buf.grad.data(), size); }, raw_pid,
+            label + " raw"),
+        TimedOp(
             config,
-            [&]() -> StatusOr<double> {
-              return SecondsPerIteration(
-                  [&] { return raw_client->RoundTrip(buf.grad.data(), size); }, config.timing);
-            },
-            raw_pid, label + " raw"),
-        WithCpuUse(
-            config,
-            [&]() -> StatusOr<double> {
-              return SecondsPerIteration(
-                  [&] {
-                    return client->Push({{name, buf.grad}}).Wait();
-                  },
-                  config.timing);
+            [&] {
+              return client->Push({{name, buf.grad}}).Wait();
             },
             ps_pid, label + " push"),
-        WithCpuUse(
+        TimedOp(
             config,
-            [&]() -> StatusOr<double> {
-              return SecondsPerIteration(
-                  [&] {
-                    return client->Pull({{name, buf.out}}).Wait();
-                  },
-                  config.timing);
+            [&] {
+              return client->Pull({{name, buf.out}}).Wait();
             },
             ps_pid, label + " pull"),
     };
@@ -392,24 +392,16 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
               },
               config.timing);
         },
-        WithCpuUse(
+        TimedOp(
             config,
-            [&]() -> StatusOr<double> {
-              return SecondsPerIteration(
-                  [&] {
-                    return client->Push({{name, buf.grad}}).Wait();
-                  },
-                  config.timing);
+            [&] {
+              return client->Push({{name, buf.grad}}).Wait();
             },
             ps_pid, "co-located " + SizeLabel(size) + " push"),
-        WithCpuUse(
+        TimedOp(
             config,
-            [&]() -> StatusOr<double> {
-              return SecondsPerIteration(
-                  [&] {
-                    return client->Pull({{name, buf.out}}).Wait();
-                  },
-                  config.timing);
+            [&] {
+              return client->Pull({{name, buf.out}}).Wait();
             },
             ps_pid, "co-located " + SizeLabel(size) + " pull"),
     };
