@@ -361,8 +361,9 @@ TEST(ClientIoTest, InterleavedPushesInPiecesLoseNothing) {
   constexpr int64_t kN = 200000;
   constexpr int kSteps = 20;
   std::vector<std::unique_ptr<Client>> clients;
+  PushPieceCounter counter;
   for (int w = 0; w < 2; ++w) {
-    clients.push_back(ConnectPieces(*cluster, w, 2, 64 * 1024, 0, nullptr));
+    clients.push_back(ConnectPieces(*cluster, w, 2, 64 * 1024, 0, &counter));
     ASSERT_NE(clients.back(), nullptr);
     ASSERT_TRUE(clients.back()->CreateVariable("v", DType::kF32, Shape{kN}, Accumulator()).ok());
   }
@@ -375,6 +376,8 @@ TEST(ClientIoTest, InterleavedPushesInPiecesLoseNothing) {
     });
   }
   for (auto& t : threads) t.join();
+  // 800 KB gradients: 13 pieces each.
+  EXPECT_GE(counter.pieces.load(), 2 * kSteps * 13);
   std::vector<float> p(kN);
   ASSERT_TRUE(clients[0]->Pull({{"v", p}}).Wait().ok());
   for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(p[i], -3.f * kSteps) << i;
