@@ -566,8 +566,8 @@ class Decoder {
 
   // A TensorRef: enums, encoding allowed for the dtype, shape, and its frame
   // (in range, unused so far, of exactly the bytes the shape needs).
-  // `deferred`: the values travel outside this message (a chunked pull
-  // reply): frame must be 0 and no frame is taken.
+  // `deferred`: the values travel outside this message (a chunked push or
+  // pull reply): frame must be 0 and no frame is taken.
   Status Ref(wire::TensorRef::Reader in, const Path& path, TensorRef* out, bool deferred = false) {
     const Path dtype_path = path.Field("dtype");
     DV_RETURN_IF_ERROR(Enum(in.getDtype(), kNumDTypes, dtype_path, &out->dtype));

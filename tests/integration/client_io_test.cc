@@ -322,8 +322,10 @@ TEST(ClientIoTest, PushesInPiecesApplyExactlyWhatWholePushesApply) {
       const std::vector<float> g = TestGradient(kN, step);
       for (Client* c : {pieces.get(), whole.get()}) {
         // One variable per push, so that each one goes in pieces.
-        ASSERT_TRUE(c->Push({{"sgd", g}}, /*advance_clock=*/false).Wait().ok());
-        ASSERT_TRUE(c->Push({{"adam", g}}).Wait().ok());
+        Status s = c->Push({{"sgd", g}}, /*advance_clock=*/false).Wait();
+        ASSERT_TRUE(s.ok()) << s;
+        s = c->Push({{"adam", g}}).Wait();
+        ASSERT_TRUE(s.ok()) << s;
       }
     }
     EXPECT_GE(counter.pieces.load(), 3 * 2 * 19);
@@ -371,8 +373,10 @@ TEST(ClientIoTest, InterleavedPushesInPiecesLoseNothing) {
   for (int w = 0; w < 2; ++w) {
     threads.emplace_back([&, w] {
       const std::vector<float> g(static_cast<size_t>(kN), static_cast<float>(w + 1));
-      for (int step = 0; step < kSteps; ++step)
-        ASSERT_TRUE(clients[w]->Push({{"v", g}}, /*advance_clock=*/false).Wait().ok());
+      for (int step = 0; step < kSteps; ++step) {
+        Status s = clients[w]->Push({{"v", g}}, /*advance_clock=*/false).Wait();
+        ASSERT_TRUE(s.ok()) << s;
+      }
     });
   }
   for (auto& t : threads) t.join();
