@@ -605,6 +605,46 @@ TEST(ReliabilityTest, ClientRidesOutAServerRestart) {
   fs::remove_all(root);
 }
 
+// The same for a push sent in pieces (over TCP, 4 MiB in 1 MiB pieces): the
+// server dies while it is waiting, the client resends the header and every
+// piece to the restored server, and the push is applied exactly once.
+TEST(ReliabilityTest, APushInPiecesRidesOutAServerRestart) {
+  const std::string root = MakeTempDir();
+  LocalClusterOptions co;
+  co.staleness = "0";
+  co.extra_args = {"--checkpoint-dir", root};
+  auto cluster = LocalCluster::Start(co);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  ClientOptions o;
+  o.ps_endpoints = cluster->endpoints();
+  o.shared_memory = false;  // pieces are for the network path
+  o.connect_timeout = std::chrono::milliseconds(20000);
+  o.request_timeout = std::chrono::milliseconds(30000);
+  o.heartbeat_interval = std::chrono::milliseconds(200);
+  auto connected = Client::Connect(o);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  Client& client = **connected;
+  constexpr int64_t kN = 1 << 20;
+  ASSERT_TRUE(client.CreateVariable("big", DType::kF32, Shape({kN}), Sgd(1.0)).ok());
+  std::vector<float> g(kN), v(kN);
+  for (int64_t i = 0; i < kN; ++i) g[i] = static_cast<float>(i % 5);
+  ASSERT_TRUE(client.Push({{"big", g}}, true).Wait().ok());
+  auto written = client.Checkpoint();
+  ASSERT_TRUE(written.ok()) << written.status();
+  cluster->Kill(0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  RequestHandle push = client.Push({{"big", g}}, true);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_FALSE(push.Done());
+  ASSERT_TRUE(cluster->Restart(0, {"--restore", "latest"}).ok());
+  Status s = push.Wait();
+  ASSERT_TRUE(s.ok()) << s;
+  ASSERT_TRUE(client.Pull({{"big", v}}).Wait().ok());
+  for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(v[i], -2.0f * static_cast<float>(i % 5)) << i;
+  EXPECT_EQ(client.stats().reconnects, 1);
+  fs::remove_all(root);
+}
+
 // A parameter server killed with SIGKILL in the middle of a BSP job and
 // restarted with --restore latest: the workers see the connection drop,
 // reconnect with backoff, roll back to the checkpoint's clock and redo the
