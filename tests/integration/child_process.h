@@ -49,6 +49,22 @@ ProcessResult RunProcess(const std::vector<std::string>& args, const std::string
 // The whole content of a file ("" when it cannot be read).
 std::string ReadFile(const std::string& path);
 
+// A fresh directory /tmp/<prefix>-XXXXXX for a test's files, removed with its
+// contents on destruction. path() is empty when it could not be made.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix);
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  // path()/name.
+  std::string Path(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
 }  // namespace distval::testing
 
 #endif  // DISTVAL_TESTS_INTEGRATION_CHILD_PROCESS_H_

@@ -34,15 +34,9 @@ class CurveTest : public ::testing::Test {
   void SetUp() override {
     keygen_ = testing::BinaryFromEnv("DISTVAL_KEYGEN_BIN");
     ASSERT_FALSE(keygen_.empty()) << "DISTVAL_KEYGEN_BIN is not set";
-    char tmpl[] = "/tmp/distval-curve-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ASSERT_FALSE(dir_.path().empty()) << "cannot make a temporary directory";
   }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string Path(const std::string& name) const { return dir_.Path(name); }
 
   // distval-keygen NAME; the pair as read back.
   CurveKeyPair Keygen(const std::string& name) {
@@ -63,7 +57,7 @@ class CurveTest : public ::testing::Test {
   }
 
   std::string keygen_;
-  std::string dir_;
+  testing::TempDir dir_{"distval-curve-test"};
 };
 
 TEST_F(CurveTest, KeygenWritesAPairWithAPrivateSecretAndRefusesToOverwrite) {

@@ -549,18 +549,30 @@ TEST(ReliabilityTest, RetriedPushIsAppliedOnce) {
 // at this worker's clock needs no rollback), a push is applied once, a
 // server that comes back empty is refused, and a server that stays away
 // fails the requests with Unavailable after the retry timeout.
-TEST(ReliabilityTest, ClientRidesOutAServerRestart) {
-  const std::string root = MakeTempDir();
+// One BSP shard that checkpoints into `root`.
+StatusOr<LocalCluster> StartCheckpointingShard(const std::string& root) {
   LocalClusterOptions co;
   co.staleness = "0";
   co.extra_args = {"--checkpoint-dir", root};
-  auto cluster = LocalCluster::Start(co);
-  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  return LocalCluster::Start(co);
+}
+
+// A worker of `cluster` that heartbeats every 200 ms (a restart is noticed
+// quickly) and waits up to 30 s for a request.
+ClientOptions RestartClientOptions(const LocalCluster& cluster) {
   ClientOptions o;
-  o.ps_endpoints = cluster->endpoints();
+  o.ps_endpoints = cluster.endpoints();
   o.connect_timeout = std::chrono::milliseconds(20000);
   o.request_timeout = std::chrono::milliseconds(30000);
   o.heartbeat_interval = std::chrono::milliseconds(200);
+  return o;
+}
+
+TEST(ReliabilityTest, ClientRidesOutAServerRestart) {
+  const std::string root = MakeTempDir();
+  auto cluster = StartCheckpointingShard(root);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  ClientOptions o = RestartClientOptions(*cluster);
   o.retry_timeout = std::chrono::milliseconds(1500);
   auto connected = Client::Connect(o);
   ASSERT_TRUE(connected.ok()) << connected.status();
@@ -610,17 +622,10 @@ TEST(ReliabilityTest, ClientRidesOutAServerRestart) {
 // piece to the restored server, and the push is applied exactly once.
 TEST(ReliabilityTest, APushInPiecesRidesOutAServerRestart) {
   const std::string root = MakeTempDir();
-  LocalClusterOptions co;
-  co.staleness = "0";
-  co.extra_args = {"--checkpoint-dir", root};
-  auto cluster = LocalCluster::Start(co);
+  auto cluster = StartCheckpointingShard(root);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
-  ClientOptions o;
-  o.ps_endpoints = cluster->endpoints();
+  ClientOptions o = RestartClientOptions(*cluster);
   o.shared_memory = false;  // pieces are for the network path
-  o.connect_timeout = std::chrono::milliseconds(20000);
-  o.request_timeout = std::chrono::milliseconds(30000);
-  o.heartbeat_interval = std::chrono::milliseconds(200);
   auto connected = Client::Connect(o);
   ASSERT_TRUE(connected.ok()) << connected.status();
   Client& client = **connected;

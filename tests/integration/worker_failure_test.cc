@@ -118,16 +118,10 @@ class WorkerFailureTest : public ::testing::Test {
     bin_ = testing::BinaryFromEnv("DISTVAL_WORKER_BIN");
     ASSERT_FALSE(bin_.empty()) << "DISTVAL_WORKER_BIN is not set";
     ASSERT_FALSE(testing::BinaryFromEnv("DISTVAL_PS_BIN").empty()) << "DISTVAL_PS_BIN is not set";
-    char tmpl[] = "/tmp/distval-worker-failure-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
+    ASSERT_FALSE(dir_.path().empty()) << "cannot make a temporary directory";
   }
 
-  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string Path(const std::string& name) const { return dir_.Path(name); }
 
   // Worker `index` of 3 training the MLP on the first 3072 examples for 2
   // epochs (global batch 96, Adam 1e-3, seed 1) against `cluster`.
@@ -165,7 +159,7 @@ class WorkerFailureTest : public ::testing::Test {
   }
 
   std::string bin_;
-  std::string dir_;
+  testing::TempDir dir_{"distval-worker-failure"};
 };
 
 // Element-wise comparison of two saved models. Sets *bitwise when every
