@@ -9,10 +9,12 @@
 // thread, so that the metrics endpoint's thread reads only atomics.
 //
 // Metrics (all prefixed distval_ps_, labelled shard="<index>"):
-//   requests_total{type}            requests received, by request type
+//   requests_total{type}            requests received, by request type (the
+//                                   pieces of a chunked push as push_chunk)
 //   request_bytes_total{type}       bytes received (header + payload frames)
 //   reply_bytes_total{type}         bytes sent, by reply type (ack, hello,
-//                                   pull, checkpoint, stats)
+//                                   pull, checkpoint, stats, and pull_chunk
+//                                   for the pieces of a chunked pull reply)
 //   errors_total{code}              error replies, by status code
 //   apply_seconds                   histogram: one async/SSP push's apply, or
 //                                   one BSP clock's aggregated apply
