@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
   app.get_formatter()->column_width(34);
   BenchConfig config;
   std::string json_path = "bench.json", only, tmp_dir, serve_raw;
+  bool serve_raw_work = false;
   double seconds = 0;
   int reps = 0;
   const std::string self = SelfPath();
@@ -99,6 +100,9 @@ int main(int argc, char** argv) {
                "print every sample, and the CPU time and minor page faults per operation of client "
                "and server, on stderr");
   app.add_option("--serve-raw", serve_raw, "internal: run the raw ZeroMQ echo server")->group("");
+  app.add_flag("--serve-raw-work", serve_raw_work,
+               "internal: with --serve-raw, also do the work distval-ps does with a push")
+      ->group("");
   CLI11_PARSE(app, argc, argv);
 
   if (!serve_raw.empty()) {
@@ -106,7 +110,7 @@ int main(int argc, char** argv) {
     // process's clients get them from Client::Connect), so the limit is not
     // weakened by page faults distval avoids.
     TuneMallocForLargeMessages();
-    Status s = RunRawEchoServer("tcp://127.0.0.1:*", serve_raw);
+    Status s = RunRawEchoServer("tcp://127.0.0.1:*", serve_raw, serve_raw_work);
     std::cerr << "distval-bench --serve-raw: " << s << "\n";
     return 1;
   }

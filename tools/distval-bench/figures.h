@@ -58,8 +58,11 @@ struct PsCluster {
 StatusOr<PsCluster> StartPs(const BenchConfig& config, const std::string& tag, int num_shards,
                             int num_workers, const std::string& staleness,
                             const std::vector<std::string>& extra_args = {});
-// Starts `count` raw ZeroMQ echo servers (this binary, --serve-raw).
-StatusOr<PsCluster> StartRawEcho(const BenchConfig& config, const std::string& tag, int count);
+// Starts `count` raw ZeroMQ echo servers (this binary, --serve-raw);
+// `push_work`: servers that also apply each request as an SGD gradient
+// (--serve-raw-work).
+StatusOr<PsCluster> StartRawEcho(const BenchConfig& config, const std::string& tag, int count,
+                                 bool push_work = false);
 
 }  // namespace distval::bench
 

@@ -192,14 +192,21 @@ Measure TimedOp(const BenchConfig& config, std::function<Status()> op, pid_t ser
 Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>& sizes,
                           Report* report) {
   DV_ASSIGN_OR_RETURN(PsCluster raw, StartRawEcho(config, "transfer", 1));
+  // Not a floor's limit: raw ZeroMQ with the work distval-ps does for a
+  // push (NaN check, out-of-place SGD), to tell the cost of that work from
+  // the cost of distval's own machinery.
+  DV_ASSIGN_OR_RETURN(PsCluster raw_work,
+                      StartRawEcho(config, "transfer-work", 1, /*push_work=*/true));
   DV_ASSIGN_OR_RETURN(PsCluster ps, StartPs(config, "transfer", 1, 1, "async"));
   DV_ASSIGN_OR_RETURN(auto raw_client, RawClient::Connect(raw.endpoints));
+  DV_ASSIGN_OR_RETURN(auto raw_work_client, RawClient::Connect(raw_work.endpoints));
   DV_ASSIGN_OR_RETURN(auto client, ConnectClient(ps.endpoints, 0, 1));
   for (int64_t size : sizes) {
     const std::string name = VarName("t", size);
     DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, size));
     Buffers buf(size);
     const pid_t raw_pid = raw.processes.at(0).pid(), ps_pid = ps.processes.at(0).pid();
+    const pid_t raw_work_pid = raw_work.processes.at(0).pid();
     const std::string label = SizeLabel(size);
     const std::vector<Measure> measures = {
         TimedOp(
@@ -217,10 +224,23 @@ Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>&
               return client->Pull({{name, buf.out}}).Wait();
             },
             ps_pid, label + " pull"),
+        TimedOp(
+            config,
+            [&] {
+              // In pieces where distval's client sends pieces (the same
+              // threshold and size), each applied as it arrives.
+              const size_t piece = ClientOptions{}.push_chunk_bytes;
+              const auto bytes = static_cast<size_t>(size);
+              if (bytes >= 2 * piece)
+                return raw_work_client->RoundTripInPieces(buf.grad.data(), bytes, piece);
+              return raw_work_client->RoundTrip(buf.grad.data(), bytes);
+            },
+            raw_work_pid, label + " raw+work"),
     };
     std::vector<std::vector<double>> samples;
     DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
     const double raw_gbps = GBps(size, t[0]);
+    const double raw_work_gbps = GBps(size, t[3]);
     report->Add(Row{.name = "transport",
                     .figure = "transport: raw ZeroMQ round trip",
                     .size_bytes = size,
@@ -247,7 +267,21 @@ Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>&
                     .limit = raw_gbps,
                     .limit_name = "raw",
                     .floor = TransferFloor(size)});
-    PrintSamples(config, SizeLabel(size), {"raw", "push", "pull"}, samples);
+    report->Add(Row{.name = "transport_work",
+                    .figure = "raw ZeroMQ + the server's work (reference)",
+                    .size_bytes = size,
+                    .value = raw_work_gbps,
+                    .unit = "GB/s",
+                    .limit = raw_gbps,
+                    .limit_name = "raw"});
+    report->Add(Row{.name = "push_vs_work",
+                    .figure = "push against raw + the server's work",
+                    .size_bytes = size,
+                    .value = GBps(size, t[1]),
+                    .unit = "GB/s",
+                    .limit = raw_work_gbps,
+                    .limit_name = "raw+work"});
+    PrintSamples(config, SizeLabel(size), {"raw", "push", "pull", "raw+work"}, samples);
   }
   return OkStatus();
 }

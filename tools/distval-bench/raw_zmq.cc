@@ -2,10 +2,13 @@
 
 #include <zmq.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <vector>
 
 namespace distval::bench {
 namespace {
@@ -25,9 +28,40 @@ void DrainMessage(void* socket, zmq_msg_t* msg) {
   }
 }
 
+// w -= lr * g over n floats (g: the received bytes; ZeroMQ's buffers of
+// large messages are malloc'ed, so aligned for floats).
+// The work distval-ps does with each piece of a plain SGD push: count the
+// non-finite values (before the reply, which carries the verdict), and
+// compute the new values out of place (all or nothing: they replace the
+// parameters only once every piece came finite).
+__attribute__((noinline)) size_t CountNonFinite(const float* g, size_t n) {
+  size_t bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, g + i, sizeof(bits));
+    bad += (bits & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad;
+}
+__attribute__((noinline)) void SgdOutOfPlace(float* __restrict out, const float* __restrict w,
+                                             const float* __restrict g, size_t n) {
+  constexpr float kLearningRate = 1e-6f;
+  for (size_t i = 0; i < n; ++i) out[i] = w[i] - kLearningRate * g[i];
+}
+
+struct PieceHeader {
+  uint64_t offset;
+  uint64_t total;
+};
+
 }  // namespace
 
-Status RunRawEchoServer(const std::string& bind, const std::string& port_file) {
+Status RunRawEchoServer(const std::string& bind, const std::string& port_file, bool push_work) {
+  // With push_work: the parameters and the buffer of the next values, one
+  // float per 4 bytes of the largest request so far (grown, never shrunk, so
+  // no sample pays for allocation).
+  std::vector<float> params, next;
+  size_t non_finite = 0;
   void* ctx = zmq_ctx_new();
   if (ctx == nullptr) return ZmqFailure("zmq_ctx_new");
   void* socket = zmq_socket(ctx, ZMQ_ROUTER);
@@ -56,18 +90,58 @@ Status RunRawEchoServer(const std::string& bind, const std::string& port_file) {
       if (errno == EINTR) continue;
       return ZmqFailure("receive");
     }
-    zmq_msg_t body;
-    zmq_msg_init(&body);
-    if (zmq_msg_more(&identity) && zmq_msg_recv(&body, socket, 0) >= 0) DrainMessage(socket, &body);
-    zmq_msg_close(&body);
-    // The reply: the peer's routing id, then one empty frame.
-    if (zmq_msg_send(&identity, socket, ZMQ_SNDMORE) < 0) {
-      zmq_msg_close(&identity);
-      continue;
+    // Frames after the routing id: the bytes, or a piece header (offset and
+    // total, RoundTripInPieces) and the bytes.
+    zmq_msg_t first, second;
+    zmq_msg_init(&first);
+    zmq_msg_init(&second);
+    bool piece = false;
+    if (zmq_msg_more(&identity) && zmq_msg_recv(&first, socket, 0) >= 0 && zmq_msg_more(&first) &&
+        zmq_msg_recv(&second, socket, 0) >= 0) {
+      piece = zmq_msg_size(&first) == sizeof(PieceHeader);
+      if (zmq_msg_more(&second)) {
+        zmq_msg_t rest;
+        zmq_msg_init(&rest);
+        if (zmq_msg_recv(&rest, socket, 0) >= 0) DrainMessage(socket, &rest);
+        zmq_msg_close(&rest);
+      }
     }
-    zmq_msg_t empty;
-    zmq_msg_init(&empty);
-    if (zmq_msg_send(&empty, socket, 0) < 0) zmq_msg_close(&empty);
+    zmq_msg_t* data = piece ? &second : &first;
+    PieceHeader header{0, zmq_msg_size(data)};
+    if (piece) std::memcpy(&header, zmq_msg_data(&first), sizeof(header));
+    const size_t size = zmq_msg_size(data);
+    const bool complete = header.offset + size >= header.total;
+    const bool apply = push_work && header.offset <= header.total &&
+                       size <= header.total - header.offset;
+    const auto* g = static_cast<const float*>(zmq_msg_data(data));
+    if (apply) non_finite += CountNonFinite(g, size / sizeof(float));
+    // The reply (the peer's routing id, then one empty frame) once all of
+    // a request is in.
+    if (!complete) {
+      zmq_msg_close(&identity);
+    } else if (zmq_msg_send(&identity, socket, ZMQ_SNDMORE) < 0) {
+      zmq_msg_close(&identity);
+    } else {
+      zmq_msg_t empty;
+      zmq_msg_init(&empty);
+      if (zmq_msg_send(&empty, socket, 0) < 0) zmq_msg_close(&empty);
+    }
+    if (apply) {
+      // As each piece arrives; the last (or only) one after the reply: the
+      // verdict is known, and the apply need not delay it.
+      if (params.size() < header.total / sizeof(float)) {
+        params.resize(header.total / sizeof(float));
+        next.resize(params.size());
+      }
+      const size_t at = header.offset / sizeof(float);
+      SgdOutOfPlace(next.data() + at, params.data() + at, g, size / sizeof(float));
+      if (complete) {
+        if (non_finite == 0) params.swap(next);
+        non_finite = 0;
+      }
+    }
+    zmq_msg_close(&first);
+    zmq_msg_close(&second);
   }
 }
 
@@ -121,6 +195,24 @@ Status RawClient::RoundTrip(const void* data, size_t bytes) {
   for (void* s : sockets_) DV_RETURN_IF_ERROR(Send(s, data, bytes));
   for (void* s : sockets_) DV_RETURN_IF_ERROR(ReceiveReply(s));
   return OkStatus();
+}
+
+Status RawClient::RoundTripInPieces(const void* data, size_t bytes, size_t piece_bytes) {
+  if (bytes == 0 || piece_bytes == 0) return InvalidArgumentError("pieces of no bytes");
+  void* s = sockets_.at(0);
+  const auto* p = static_cast<const std::byte*>(data);
+  for (size_t offset = 0; offset < bytes; offset += piece_bytes) {
+    const PieceHeader header{offset, bytes};
+    zmq_msg_t head;
+    zmq_msg_init_size(&head, sizeof(header));
+    std::memcpy(zmq_msg_data(&head), &header, sizeof(header));
+    if (zmq_msg_send(&head, s, ZMQ_SNDMORE) < 0) {
+      zmq_msg_close(&head);
+      return ZmqFailure("send");
+    }
+    DV_RETURN_IF_ERROR(Send(s, p + offset, std::min(piece_bytes, bytes - offset)));
+  }
+  return ReceiveReply(s);
 }
 
 Status RawClient::Pipelined(const void* data, size_t bytes, int count, int window) {

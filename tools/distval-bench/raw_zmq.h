@@ -19,7 +19,15 @@ namespace distval::bench {
 // terminated: every request (any number of frames) gets one empty frame back.
 // Writes the bound endpoint and a newline to `port_file` (atomically: a
 // temporary file renamed). Returns only on a setup error (with its status).
-Status RunRawEchoServer(const std::string& bind, const std::string& port_file);
+// A request may also come in pieces (RawClient::RoundTripInPieces): the
+// reply then follows the last piece.
+// `push_work`: also do with every request (or piece, as it comes) the work
+// distval-ps does with a plain SGD push: count its non-finite values and
+// compute the new parameters out of place, swapped in once all of a request
+// came finite; after the reply where there is one. For the reference "raw
+// ZeroMQ + the server's work": the same work without distval's protocol.
+Status RunRawEchoServer(const std::string& bind, const std::string& port_file,
+                        bool push_work = false);
 
 // A DEALER socket per echo server, in its own ZeroMQ context (one I/O thread).
 // Not thread-safe: one thread uses a RawClient.
@@ -37,6 +45,11 @@ class RawClient {
   // returns), then waits for every reply. DeadlineExceeded after 10 s without
   // a reply.
   Status RoundTrip(const void* data, size_t bytes);
+  // Sends `bytes` bytes to server 0 as messages of `piece_bytes` (the last
+  // may be shorter), each a header frame and the bytes, then waits for the
+  // one reply the server sends once the last piece is in. For the apply
+  // server (push_work), which applies each piece as it comes.
+  Status RoundTripInPieces(const void* data, size_t bytes, size_t piece_bytes);
   // Sends `count` requests of `bytes` bytes to server 0, keeping `window` of
   // them in flight, and waits for every reply.
   Status Pipelined(const void* data, size_t bytes, int count, int window);

@@ -50,7 +50,8 @@ StatusOr<PsCluster> StartPs(const BenchConfig& config, const std::string& tag, i
   return cluster;
 }
 
-StatusOr<PsCluster> StartRawEcho(const BenchConfig& config, const std::string& tag, int count) {
+StatusOr<PsCluster> StartRawEcho(const BenchConfig& config, const std::string& tag, int count,
+                                 bool push_work) {
   PsCluster cluster;
   std::vector<std::string> port_files;
   for (int i = 0; i < count; ++i) {
@@ -58,6 +59,7 @@ StatusOr<PsCluster> StartRawEcho(const BenchConfig& config, const std::string& t
     port_files.push_back(config.scratch->File(name + ".endpoint"));
     std::remove(port_files.back().c_str());
     std::vector<std::string> argv = {config.self_bin, "--serve-raw", port_files.back()};
+    if (push_work) argv.push_back("--serve-raw-work");
     DV_ASSIGN_OR_RETURN(ChildProcess p,
                         ChildProcess::Spawn(argv, config.scratch->File(name + ".log")));
     cluster.processes.push_back(std::move(p));
