@@ -31,6 +31,13 @@ std::optional<Floor> TransferFloor(int64_t size) {
   return std::nullopt;
 }
 
+// One SGD step in place (w -= lr * g): the least work a server that applies
+// a pushed gradient does, for the co-located reference row.
+__attribute__((noinline)) void SgdInPlace(float* __restrict w, const float* __restrict g, size_t n) {
+  constexpr float kLearningRate = 1e-6f;
+  for (size_t i = 0; i < n; ++i) w[i] -= kLearningRate * g[i];
+}
+
 // `shared_memory`: the co-located path (figure 7); off for the figures that
 // measure the network path against raw ZeroMQ over TCP.
 StatusOr<std::unique_ptr<Client>> ConnectClient(const std::vector<std::string>& endpoints,
@@ -416,7 +423,7 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
     const std::string name = VarName("c", size);
     DV_RETURN_IF_ERROR(CreateBenchVariable(*client, name, size));
     Buffers buf(size);
-    std::vector<float> dst(buf.grad.size(), 0.f);
+    std::vector<float> dst(buf.grad.size(), 0.f), params(buf.grad.size(), 0.f);
     const std::vector<Measure> measures = {
         [&]() -> StatusOr<double> {
           return SecondsPerIteration(
@@ -438,10 +445,22 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
               return client->Pull({{name, buf.out}}).Wait();
             },
             ps_pid, "co-located " + SizeLabel(size) + " pull"),
+        // Not a floor's limit: the SGD step alone, on one thread, as the
+        // server applies a push (no transfer, no check). A push that
+        // includes it cannot be faster than it.
+        [&]() -> StatusOr<double> {
+          return SecondsPerIteration(
+              [&] {
+                SgdInPlace(params.data(), buf.grad.data(), params.size());
+                return OkStatus();
+              },
+              config.timing);
+        },
     };
     std::vector<std::vector<double>> samples;
     DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
-    PrintSamples(config, "co-located " + SizeLabel(size), {"memcpy", "push", "pull"}, samples);
+    PrintSamples(config, "co-located " + SizeLabel(size), {"memcpy", "push", "pull", "sgd"},
+                 samples);
     const double memcpy_gbps = GBps(size, t[0]);
     std::optional<Floor> floor;
     if (size == 16 * kMiB) floor = Floor{Floor::Kind::kAtLeast, 0.70};
@@ -461,6 +480,13 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
                     .limit = memcpy_gbps,
                     .limit_name = "memcpy",
                     .floor = floor});
+    report->Add(Row{.name = "colocated_sgd",
+                    .figure = "SGD step alone, in place (reference)",
+                    .size_bytes = size,
+                    .value = GBps(size, t[3]),
+                    .unit = "GB/s",
+                    .limit = memcpy_gbps,
+                    .limit_name = "memcpy"});
   }
   return OkStatus();
 }
