@@ -265,7 +265,13 @@ class Client::Impl {
   // A caller that submitted a request and released the lease has this long
   // to come back and wait for it (taking the lease again) before the
   // background thread takes over its reply.
-  static constexpr std::chrono::microseconds kTakeoverDelay{500};
+  static constexpr std::chrono::microseconds kTakeoverDelay{1000};
+  // While requests were submitted this recently, the background thread looks
+  // every kTakeoverDelay on its own, so that a submission need not wake it
+  // (a wake-up per request costs a context switch, on a small machine as much
+  // as a tenth of a small round trip); after that it sleeps until the next
+  // heartbeat check, and the next submission wakes it.
+  static constexpr std::chrono::seconds kActiveWindow{1};
 
   // Background thread: takes the lease whenever work would otherwise be left
   // unattended (queued commands, replies nobody waits for, heartbeats).
@@ -344,6 +350,8 @@ class Client::Impl {
   std::atomic<int> outstanding_{0};
   // When a request was last left unattended with the lease free.
   Clock::time_point unattended_since_;  // Guarded by lease_->mu.
+  // When a caller last submitted a request itself.
+  Clock::time_point last_submit_;  // Guarded by lease_->mu.
   bool takeover_now_ = false;           // Guarded by lease_->mu.
   // When the background thread will look again (so a release that needs it
   // sooner wakes it).
@@ -474,6 +482,9 @@ void Client::Impl::ReleaseLease(bool leave_now) {
   // within microseconds and takes the lease again. Only if it does not does
   // the background thread take over.
   unattended_since_ = now;
+  last_submit_ = now;
+  // Asleep for longer (idle until now): wake it, so that it looks again in
+  // time and keeps looking while requests come.
   if (background_wakes_at_ > now + kTakeoverDelay) lease_->cv.notify_all();
 }
 
@@ -1020,6 +1031,7 @@ void Client::Impl::Run() {
       }
     }
     if (!take) {
+      if (now - last_submit_ < kActiveWindow) wake = std::min(wake, now + kTakeoverDelay);
       background_wakes_at_ = wake;
       lease_->cv.wait_until(lock, wake);
       continue;
