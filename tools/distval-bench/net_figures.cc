@@ -33,7 +33,8 @@ std::optional<Floor> TransferFloor(int64_t size) {
 
 // One SGD step in place (w -= lr * g): the least work a server that applies
 // a pushed gradient does, for the co-located reference row.
-__attribute__((noinline)) void SgdInPlace(float* __restrict w, const float* __restrict g, size_t n) {
+__attribute__((noinline)) void SgdInPlace(float* __restrict w, const float* __restrict g,
+                                          size_t n) {
   constexpr float kLearningRate = 1e-6f;
   for (size_t i = 0; i < n; ++i) w[i] -= kLearningRate * g[i];
 }

@@ -111,8 +111,8 @@ Status RunRawEchoServer(const std::string& bind, const std::string& port_file, b
     if (piece) std::memcpy(&header, zmq_msg_data(&first), sizeof(header));
     const size_t size = zmq_msg_size(data);
     const bool complete = header.offset + size >= header.total;
-    const bool apply = push_work && header.offset <= header.total &&
-                       size <= header.total - header.offset;
+    const bool apply =
+        push_work && header.offset <= header.total && size <= header.total - header.offset;
     const auto* g = static_cast<const float*>(zmq_msg_data(data));
     if (apply) non_finite += CountNonFinite(g, size / sizeof(float));
     // The reply (the peer's routing id, then one empty frame) once all of
