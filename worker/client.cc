@@ -1,6 +1,8 @@
 #include "distval/client.h"
 
+#include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,11 +41,19 @@ using Clock = std::chrono::steady_clock;
 // synchronous request costs no thread hand-off at all: the same wake-ups as a
 // plain ZeroMQ request/reply. Requests nobody waits for are picked up by the
 // background thread after kTakeoverDelay, or at once when work is queued for
-// a held lease (the holder polls the wake-up eventfd with its sockets).
+// a held lease (the holder polls the wake-up eventfd with its sockets). The
+// delay is a timer (a timerfd) started when a caller leaves a request and
+// left running when a caller comes back to wait: the background thread then
+// wakes at most once per kTakeoverDelay, instead of once per request as a
+// notification at every submission would have it (on a small machine a
+// wake-up costs as much as a tenth of a 4 KiB round trip, and stopping the
+// timer at every wait, a system call, cost a pipeline of small requests a
+// third of its rate).
 struct IoLease {
   std::mutex mu;
-  std::condition_variable cv;    // the background thread waits here
+  std::condition_variable cv;    // a stopping background thread waits here for the lease
   bool held = false;             // Guarded by mu.
+  bool background = false;       // held by the background thread; Guarded by mu.
   bool alive = true;             // false once the client stops; Guarded by mu.
   Client::Impl* impl = nullptr;  // valid while alive or held (Stop waits for !held)
 };
@@ -265,13 +275,10 @@ class Client::Impl {
   // A caller that submitted a request and released the lease has this long
   // to come back and wait for it (taking the lease again) before the
   // background thread takes over its reply.
-  static constexpr std::chrono::microseconds kTakeoverDelay{1000};
-  // While requests were submitted this recently, the background thread looks
-  // every kTakeoverDelay on its own, so that a submission need not wake it
-  // (a wake-up per request costs a context switch, on a small machine as much
-  // as a tenth of a small round trip); after that it sleeps until the next
-  // heartbeat check, and the next submission wakes it.
-  static constexpr std::chrono::seconds kActiveWindow{1};
+  static constexpr std::chrono::microseconds kTakeoverDelay{500};
+  // How long Submit waits for the background thread to give the lease back
+  // before handing its request over instead.
+  static constexpr std::chrono::microseconds kLeaseSpin{50};
 
   // Background thread: takes the lease whenever work would otherwise be left
   // unattended (queued commands, replies nobody waits for, heartbeats).
@@ -310,8 +317,21 @@ class Client::Impl {
   void UpdateSharedMemoryStats();
   // Gives the lease back and wakes the background thread when work is left:
   // at once when commands are queued or `leave_now` (a waiter left while
-  // other requests are in flight), else after kTakeoverDelay.
+  // other requests are in flight), else after kTakeoverDelay (the takeover
+  // timer) unless a caller takes the lease again first.
   void ReleaseLease(bool leave_now);
+  // Starts the takeover timer to fire `after` from now. Callers start it
+  // only when it is not running (the background thread starts it again for
+  // the rest when it fired early): no system call for most requests of a
+  // pipeline. REQUIRES: lease_->mu is held.
+  void StartTakeoverTimer(std::chrono::nanoseconds after);
+  // REQUIRES: lease_->mu is held (or the client is stopping).
+  void WakeBackground() {
+    if (!background_sleeping_ && !stop_.load()) return;  // it looks again before sleeping
+    uint64_t one = 1;
+    ssize_t n = ::write(background_fd_, &one, sizeof(one));
+    (void)n;
+  }
   bool QueueEmpty() {
     std::lock_guard<std::mutex> lock(queue_mu_);
     return queue_.empty();
@@ -341,6 +361,10 @@ class Client::Impl {
   std::vector<Link> links_;                    // lease holder only after Start()
   std::vector<transport::Socket*> poll_ptrs_;  // sockets, then their monitors
   int wake_fd_ = -1;
+  // The background thread sleeps in poll() on these: an eventfd that wakes it
+  // at once, and the takeover timer (a timerfd).
+  int background_fd_ = -1;
+  int takeover_fd_ = -1;
   std::thread thread_;
   std::atomic<bool> stop_{false};
 
@@ -350,12 +374,11 @@ class Client::Impl {
   std::atomic<int> outstanding_{0};
   // When a request was last left unattended with the lease free.
   Clock::time_point unattended_since_;  // Guarded by lease_->mu.
-  // When a caller last submitted a request itself.
-  Clock::time_point last_submit_;  // Guarded by lease_->mu.
   bool takeover_now_ = false;           // Guarded by lease_->mu.
-  // When the background thread will look again (so a release that needs it
-  // sooner wakes it).
-  Clock::time_point background_wakes_at_;  // Guarded by lease_->mu.
+  bool takeover_timer_set_ = false;     // Guarded by lease_->mu.
+  // The background thread is (about to be) asleep in poll(): only then does
+  // waking it take a write to background_fd_.
+  bool background_sleeping_ = false;  // Guarded by lease_->mu.
 
   std::mutex queue_mu_;        // Acquired after lease_->mu when both are held.
   std::deque<Command> queue_;  // Guarded by queue_mu_.
@@ -403,6 +426,11 @@ Status Client::Impl::Start() {
   planner_ = std::make_unique<PlacementPlanner>(static_cast<int>(sockets_.size()));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
+  background_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (background_fd_ < 0) return InternalError(std::string("eventfd: ") + std::strerror(errno));
+  takeover_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (takeover_fd_ < 0)
+    return InternalError(std::string("timerfd_create: ") + std::strerror(errno));
   lease_->impl = this;
   thread_ = std::thread([this] { Run(); });
   return OkStatus();
@@ -416,6 +444,7 @@ void Client::Impl::Stop() {
       lease_->alive = false;  // no caller takes the lease from now on
       lease_->cv.notify_all();
     }
+    WakeBackground();
     Wake();  // a holder blocked in poll
     thread_.join();
   }
@@ -424,8 +453,10 @@ void Client::Impl::Stop() {
   socket_ptrs_.clear();
   sockets_.clear();
   context_.reset();
-  if (wake_fd_ >= 0) ::close(wake_fd_);
-  wake_fd_ = -1;
+  for (int* fd : {&wake_fd_, &background_fd_, &takeover_fd_}) {
+    if (*fd >= 0) ::close(*fd);
+    *fd = -1;
+  }
 }
 
 RequestHandle Client::Impl::Submit(std::vector<Outgoing> messages,
@@ -445,15 +476,27 @@ RequestHandle Client::Impl::Submit(std::vector<Outgoing> messages,
   cmd.messages = std::move(messages);
   cmd.state = state;
   bool direct = false;
-  {
-    std::lock_guard<std::mutex> lock(lease_->mu);
+  const auto spin_until = Clock::now() + kLeaseSpin;
+  for (;;) {
+    std::unique_lock<std::mutex> lock(lease_->mu);
     if (!lease_->held && lease_->alive) {
       lease_->held = true;
       direct = true;
-    } else {
+      break;
+    }
+    // With nothing in flight, the background thread gives the lease back
+    // within microseconds (it is finishing the drive whose last reply this
+    // caller may be coming back from): waiting that long beats handing this
+    // request to it (two thread wake-ups per request, and the next request
+    // would find it holding the lease again).
+    if (!lease_->alive || !lease_->background || outstanding_.load() > 0 ||
+        Clock::now() >= spin_until) {
       std::lock_guard<std::mutex> queue_lock(queue_mu_);
       queue_.push_back(std::move(cmd));
+      break;
     }
+    lock.unlock();
+    std::this_thread::yield();
   }
   if (direct) {
     // Send on this thread: no hand-off to the I/O thread. Anything other
@@ -470,22 +513,32 @@ RequestHandle Client::Impl::Submit(std::vector<Outgoing> messages,
 void Client::Impl::ReleaseLease(bool leave_now) {
   std::lock_guard<std::mutex> lock(lease_->mu);
   lease_->held = false;
+  if (!lease_->alive) lease_->cv.notify_all();  // Stop waits for the lease
   const bool queued = !QueueEmpty();
   if (!queued && outstanding_.load() == 0) return;
-  const auto now = Clock::now();
   if (queued || leave_now) {
     takeover_now_ = true;
-    lease_->cv.notify_all();
+    WakeBackground();
     return;
   }
   // Our own request is in flight; its caller normally comes back to Wait()
   // within microseconds and takes the lease again. Only if it does not does
-  // the background thread take over.
-  unattended_since_ = now;
-  last_submit_ = now;
-  // Asleep for longer (idle until now): wake it, so that it looks again in
-  // time and keeps looking while requests come.
-  if (background_wakes_at_ > now + kTakeoverDelay) lease_->cv.notify_all();
+  // the background thread take over, when the timer fires.
+  unattended_since_ = Clock::now();
+  if (!takeover_timer_set_) StartTakeoverTimer(kTakeoverDelay);
+}
+
+void Client::Impl::StartTakeoverTimer(std::chrono::nanoseconds after) {
+  itimerspec when{};
+  const int64_t ns = std::max<int64_t>(after.count(), 1);  // 0 would stop it
+  when.it_value.tv_sec = static_cast<time_t>(ns / 1000000000);
+  when.it_value.tv_nsec = static_cast<long>(ns % 1000000000);
+  if (timerfd_settime(takeover_fd_, 0, &when, nullptr) != 0) {
+    // Cannot happen with a valid fd; fall back to a wake-up now.
+    WakeBackground();
+    return;
+  }
+  takeover_timer_set_ = true;
 }
 
 void Client::Impl::DriveUntilAnswered(RequestHandle::State& state, Clock::time_point deadline) {
@@ -1025,18 +1078,34 @@ void Client::Impl::Run() {
         const auto due = unattended_since_ + kTakeoverDelay;
         if (now >= due) {
           take = true;
-        } else {
-          wake = std::min(wake, due);
+        } else if (!takeover_timer_set_) {
+          // Fired for an earlier request; the newest one is due later.
+          StartTakeoverTimer(due - now);
         }
       }
     }
     if (!take) {
-      if (now - last_submit_ < kActiveWindow) wake = std::min(wake, now + kTakeoverDelay);
-      background_wakes_at_ = wake;
-      lease_->cv.wait_until(lock, wake);
+      background_sleeping_ = true;
+      lock.unlock();
+      pollfd fds[2] = {{background_fd_, POLLIN, 0}, {takeover_fd_, POLLIN, 0}};
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(wake - Clock::now()).count();
+      const int n = ::poll(fds, 2, static_cast<int>(std::clamp<int64_t>(ms, 0, 60000)));
+      bool fired = false;
+      if (n > 0) {
+        uint64_t v;
+        for (const pollfd& f : fds)
+          if (f.revents & POLLIN) {
+            ssize_t r = ::read(f.fd, &v, sizeof(v));
+            fired = fired || (f.fd == takeover_fd_ && r == sizeof(v));
+          }
+      }
+      lock.lock();
+      background_sleeping_ = false;
+      if (fired) takeover_timer_set_ = false;
       continue;
     }
     lease_->held = true;
+    lease_->background = true;
     takeover_now_ = false;
     lock.unlock();
     // Drive until nothing is left that nobody else would attend to.
@@ -1045,6 +1114,7 @@ void Client::Impl::Run() {
     } while (!stop_.load() && (outstanding_.load() > 0 || !QueueEmpty()));
     lock.lock();
     lease_->held = false;
+    lease_->background = false;
     next_heartbeat_check = Clock::now() + idle_poll;
   }
   // Stopping: wait for a caller that holds the lease to give it back, then
