@@ -1071,7 +1071,12 @@ void Client::Impl::Run() {
     const auto now = Clock::now();
     bool take = false;
     auto wake = next_heartbeat_check;
-    if (!lease_->held) {
+    if (lease_->held) {
+      // The holder sends the heartbeats and wakes this thread when it leaves
+      // work behind: sleep (a heartbeat check that fell due while a caller
+      // held the lease used to make this loop spin until it was free).
+      wake = std::max(wake, now + idle_poll);
+    } else {
       if (takeover_now_ || now >= next_heartbeat_check || !QueueEmpty()) {
         take = true;
       } else if (outstanding_.load() > 0) {
