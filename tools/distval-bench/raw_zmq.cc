@@ -28,25 +28,28 @@ void DrainMessage(void* socket, zmq_msg_t* msg) {
   }
 }
 
-// w -= lr * g over n floats (g: the received bytes; ZeroMQ's buffers of
-// large messages are malloc'ed, so aligned for floats).
 // The work distval-ps does with each piece of a plain SGD push: count the
 // non-finite values (before the reply, which carries the verdict), and
 // compute the new values out of place (all or nothing: they replace the
-// parameters only once every piece came finite).
-__attribute__((noinline)) size_t CountNonFinite(const float* g, size_t n) {
+// parameters only once every piece came finite). `g` is n floats as
+// received: ZeroMQ may hand small messages at any address, hence memcpy.
+__attribute__((noinline)) size_t CountNonFinite(const std::byte* g, size_t n) {
   size_t bad = 0;
   for (size_t i = 0; i < n; ++i) {
     uint32_t bits;
-    std::memcpy(&bits, g + i, sizeof(bits));
+    std::memcpy(&bits, g + i * sizeof(bits), sizeof(bits));
     bad += (bits & 0x7f800000u) == 0x7f800000u;
   }
   return bad;
 }
 __attribute__((noinline)) void SgdOutOfPlace(float* __restrict out, const float* __restrict w,
-                                             const float* __restrict g, size_t n) {
+                                             const std::byte* __restrict g, size_t n) {
   constexpr float kLearningRate = 1e-6f;
-  for (size_t i = 0; i < n; ++i) out[i] = w[i] - kLearningRate * g[i];
+  for (size_t i = 0; i < n; ++i) {
+    float gi;
+    std::memcpy(&gi, g + i * sizeof(gi), sizeof(gi));
+    out[i] = w[i] - kLearningRate * gi;
+  }
 }
 
 struct PieceHeader {
@@ -113,7 +116,7 @@ Status RunRawEchoServer(const std::string& bind, const std::string& port_file, b
     const bool complete = header.offset + size >= header.total;
     const bool apply =
         push_work && header.offset <= header.total && size <= header.total - header.offset;
-    const auto* g = static_cast<const float*>(zmq_msg_data(data));
+    const auto* g = static_cast<const std::byte*>(zmq_msg_data(data));
     if (apply) non_finite += CountNonFinite(g, size / sizeof(float));
     // The reply (the peer's routing id, then one empty frame) once all of
     // a request is in.
