@@ -71,6 +71,32 @@ TEST(EncodingTest, CountNonFiniteFindsNanAndInfInEveryEncoding) {
   EXPECT_EQ(CountNonFinite(std::as_bytes(std::span(fine)), Encoding::kRaw), 0u);
 }
 
+TEST(EncodingTest, CountNonFiniteCountsAcrossBlocks) {
+  // Long enough for several of the blocks the check goes through, with bad
+  // values at their edges, next to the largest finite values and -0.
+  std::vector<float> v(3 * 1024 + 77, -0.0f);
+  for (size_t i = 0; i < v.size(); i += 3) v[i] = std::numeric_limits<float>::max();
+  for (size_t i = 1; i < v.size(); i += 5) v[i] = -std::numeric_limits<float>::max();
+  const size_t bad[] = {0, 1023, 1024, 2047, 2048, 2049, 3 * 1024 + 76};
+  for (size_t i : bad)
+    v[i] =
+        i % 2 ? std::numeric_limits<float>::quiet_NaN() : -std::numeric_limits<float>::infinity();
+  EXPECT_EQ(CountNonFinite(std::as_bytes(std::span(v)), Encoding::kRaw), std::size(bad));
+  // A signalling NaN with only the lowest mantissa bit set counts too.
+  v[3000] = std::bit_cast<float>(0x7F800001u);
+  EXPECT_EQ(CountNonFinite(std::as_bytes(std::span(v)), Encoding::kRaw), std::size(bad) + 1);
+  // No bad value: 0, whatever the length (the tail of the last block).
+  for (size_t n : {size_t{0}, size_t{1}, size_t{1023}, size_t{1025}}) {
+    std::vector<float> ok(n, 3.0f);
+    EXPECT_EQ(CountNonFinite(std::as_bytes(std::span(ok)), Encoding::kRaw), 0u) << n;
+  }
+  // f16: 0x7C00 is inf, 0x7BFF the largest finite value.
+  std::vector<uint16_t> h(2500, uint16_t{0x7BFF});
+  h[2048] = 0x7C00;
+  h[2499] = 0xFE01;
+  EXPECT_EQ(CountNonFinite(std::as_bytes(std::span(h)), Encoding::kF16), 2u);
+}
+
 TEST(EncodingTest, RawIsBitExact) {
   std::mt19937 rng(1);
   std::vector<float> in(1000);
