@@ -8,7 +8,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <span>
 #include <vector>
+
+#include "distval/encoding.h"
 
 namespace distval::bench {
 namespace {
@@ -31,17 +34,9 @@ void DrainMessage(void* socket, zmq_msg_t* msg) {
 // The work distval-ps does with each piece of a plain SGD push: count the
 // non-finite values (before the reply, which carries the verdict), and
 // compute the new values out of place (all or nothing: they replace the
-// parameters only once every piece came finite). `g` is n floats as
-// received: ZeroMQ may hand small messages at any address, hence memcpy.
-__attribute__((noinline)) size_t CountNonFinite(const std::byte* g, size_t n) {
-  size_t bad = 0;
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, g + i * sizeof(bits), sizeof(bits));
-    bad += (bits & 0x7f800000u) == 0x7f800000u;
-  }
-  return bad;
-}
+// parameters only once every piece came finite), with the same check
+// (protocol::CountNonFinite). `g` is n floats as received: ZeroMQ may hand
+// small messages at any address, hence memcpy.
 __attribute__((noinline)) void SgdOutOfPlace(float* __restrict out, const float* __restrict w,
                                              const std::byte* __restrict g, size_t n) {
   constexpr float kLearningRate = 1e-6f;
@@ -117,7 +112,9 @@ Status RunRawEchoServer(const std::string& bind, const std::string& port_file, b
     const bool apply =
         push_work && header.offset <= header.total && size <= header.total - header.offset;
     const auto* g = static_cast<const std::byte*>(zmq_msg_data(data));
-    if (apply) non_finite += CountNonFinite(g, size / sizeof(float));
+    if (apply)
+      non_finite += protocol::CountNonFinite(std::span(g, size - size % sizeof(float)),
+                                             protocol::Encoding::kRaw);
     // The reply (the peer's routing id, then one empty frame) once all of
     // a request is in.
     if (!complete) {
