@@ -95,7 +95,12 @@ TEST(ClientIoTest, ThreadsSharingOneClientEachReadTheirOwnWrites) {
 TEST(ClientIoTest, RequestsNobodyWaitsForComplete) {
   auto cluster = LocalCluster::Start(AsyncCluster(1, 1));
   ASSERT_TRUE(cluster.ok()) << cluster.status();
-  auto client = Connect(*cluster, 0, 1);
+  // Heartbeats so rare that the background thread's periodic look cannot
+  // come before the test gives up: only the takeover timer that a caller
+  // starts when it leaves a request can get the reply picked up.
+  auto client = Connect(*cluster, 0, 1, /*shared_memory=*/true, [](ClientOptions& o) {
+    o.heartbeat_interval = std::chrono::minutes(10);
+  });
   ASSERT_NE(client, nullptr);
   ASSERT_TRUE(client->CreateVariable("w", DType::kF32, Shape{1000}, Accumulator()).ok());
   std::vector<float> g(1000, 2.f), p(1000, 0.f);
