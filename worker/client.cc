@@ -231,10 +231,10 @@ class Client::Impl {
     std::shared_ptr<RequestHandle::State> state;
   };
   struct Pending {
-    int shard;
+    int shard = -1;
     OnReply on_reply;
     std::shared_ptr<RequestHandle::State> state;
-    bool is_pull;
+    bool is_pull = false;
     // The message, to send it again after a lost connection: the encoded
     // header and duplicates of the payloads (a Borrow keeps the caller's
     // buffer borrowed until the reply).
@@ -589,8 +589,11 @@ void Client::Impl::SendCommand(Command& cmd) {
     Outgoing& m = cmd.messages[i];
     uint64_t id = m.request.request_id;
     bool is_pull = std::holds_alternative<protocol::Pull>(m.request.body);
-    Pending pending{
-        m.shard, std::move(m.on_reply), cmd.state, is_pull, {}, {}, true, -1, {}, -1, 0, {}, 0, {}};
+    Pending pending;
+    pending.shard = m.shard;
+    pending.on_reply = std::move(m.on_reply);
+    pending.state = cmd.state;
+    pending.is_pull = is_pull;
     pending.pull_into = std::move(m.pull_into);
     pending.push_chunk_bytes = m.push_chunk_bytes;
     pending.piece.request_id = id;
@@ -1133,7 +1136,9 @@ void Client::Impl::Run() {
   std::lock_guard<std::mutex> queue_lock(queue_mu_);
   for (auto& cmd : queue_)
     for (auto& m : cmd.messages) {
-      Pending p{m.shard, nullptr, cmd.state, false, {}, {}, true, -1, {}, -1, 0, {}, 0, {}};
+      Pending p;
+      p.shard = m.shard;
+      p.state = cmd.state;
       CompleteOne(p, CancelledError("client shut down"));
     }
   queue_.clear();
