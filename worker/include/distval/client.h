@@ -1,10 +1,12 @@
 // Client: a worker's connection to every parameter-server shard.
 //
-// The client owns one DEALER socket per shard, all driven by ONE background
-// I/O thread (ZeroMQ sockets are not thread-safe). Any thread may call the
-// client: requests are handed to the I/O thread and come back as a
-// RequestHandle to Wait() on. Requests to different shards are in flight at
-// the same time.
+// The client owns one DEALER socket per shard (ZeroMQ sockets are not
+// thread-safe: one thread at a time drives them all). Any thread may call the
+// client and gets a RequestHandle to Wait() on. A caller that finds the
+// sockets free sends its request and, in Wait(), receives the reply itself,
+// so a synchronous request costs no thread hand-off; a background thread
+// takes over requests nobody waits for (after 0.5 ms) and sends the
+// heartbeats. Requests to different shards are in flight at the same time.
 //
 //   DV_ASSIGN_OR_RETURN(auto client, Client::Connect(options));
 //   DV_RETURN_IF_ERROR(client->CreateVariable("w", DType::kF32, {784, 10}, {}));
