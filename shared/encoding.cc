@@ -124,7 +124,7 @@ size_t CountExponentAllOnes(const std::byte* p, size_t n, W mask) {
 // Whether any word of type W has all the bits under `mask` set: a word has
 // them all set exactly when ~(w | ~mask) is 0, so one running minimum
 // answers, without widening a count per element (20-25 % faster than
-// counting with AVX-512, 1 MiB in L2 and 16 MiB from memory alike).
+// counting with AVX-512, 1 MiB in cache and 16 MiB from memory alike).
 template <typename W>
 bool AnyExponentAllOnes(const std::byte* p, size_t n, W mask) {
   const W others = static_cast<W>(~mask);
