@@ -709,6 +709,8 @@ void SocketShm::Resolve(InMessage& message) {
     Frame f;
     f.data_ = holder->segment->data() + offset;
     f.size_ = static_cast<size_t>(size);
+    // The sender's own memory (not a copy into its pool or ring).
+    f.lent_ = (flags & kStreamed) == 0;
     if ((flags & kStreamed) != 0) {
       f.progress_ = ProgressOf(*control, lease);
       f.waiters_ = WaitersOf(*control, lease);

@@ -160,6 +160,7 @@ TEST_F(SharedMemoryTransportTest, LargeFramesTravelAsReferencesBothWays) {
   EXPECT_TRUE(SameBytes((*got)[2], small.data(), small.size()));
   EXPECT_TRUE(SameBytes((*got)[3], big.data(), big.size()));
   EXPECT_TRUE((*got)[3].AlignedFor(64));
+  EXPECT_FALSE((*got)[3].lent());  // a copy into the sender's pool
   EXPECT_EQ(dealer_->shared_memory_stats().frames_sent, 1);
   EXPECT_EQ(router_->shared_memory_stats().frames_received, 1);
   EXPECT_EQ(router_->shared_memory_stats().bytes_received, static_cast<int64_t>(big.size()));
@@ -199,6 +200,7 @@ TEST_F(SharedMemoryTransportTest, RegisteredMemoryIsLentWithoutACopyAndReturnedW
   ASSERT_TRUE(back.ok()) << back.status();
   ASSERT_EQ(back->size(), 2u);
   EXPECT_TRUE(SameBytes((*back)[1], bytes.data(), bytes.size()));
+  EXPECT_TRUE((*back)[1].lent());
   // The receiver views the lender's memory itself: a later write shows.
   (*seg)->data()[4096] = std::byte{0x5a};
   EXPECT_EQ((*back)[1].data()[0], std::byte{0x5a});

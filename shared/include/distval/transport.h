@@ -187,6 +187,13 @@ class Frame {
   // arrive in order, front to back. False for every other frame, which is
   // complete when received.
   bool streaming() const { return progress_ != nullptr; }
+  // A frame over a co-located sender's own memory (shared memory it
+  // registered, sent without a copy; not a copy into its pool or ring): the
+  // sender gets the memory back only when every copy of this Frame is gone,
+  // and whoever waits for that request to finish waits for that too. A
+  // server copies what it must keep and drops such frames before it
+  // answers the request.
+  bool lent() const { return lent_; }
   // A streaming frame whose bytes pass through a small ring (so that they
   // stay in cache): data() is null, and the bytes can only be read once, in
   // order, through Window() (or all at once through Materialized()).
@@ -234,6 +241,7 @@ class Frame {
   size_t ring_bytes_ = 0;
   size_t ring_slot_ = 0;
   uint64_t* consumed_ = nullptr;
+  bool lent_ = false;
 };
 
 using OutMessage = std::vector<Payload>;
