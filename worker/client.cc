@@ -11,6 +11,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <random>
@@ -20,6 +21,7 @@
 
 #include "distval/logging.h"
 #include "distval/malloc_tuning.h"
+#include "distval/shared_memory.h"
 
 namespace distval {
 
@@ -162,6 +164,8 @@ class Client::Impl {
     return socket_options_.shared_memory &&
            transport::IsLocalEndpoint(options_.ps_endpoints[shard]);
   }
+  // The segments this client lends without copying (AllocatePushBuffer).
+  transport::SharedMemoryRegistry& shared_memory() { return context_->shared_memory(); }
   // The piece size to ask shard for in a Pull (0: whole replies); see
   // ClientOptions::pull_chunk_bytes.
   size_t PullChunkBytes(int shard) const {
@@ -803,15 +807,17 @@ void Client::Impl::SendHeartbeats() {
 void Client::Impl::UpdateSharedMemoryStats() {
   if (!options_.shared_memory) return;
   int shards = 0;
-  int64_t bytes = 0;
+  int64_t bytes = 0, lent = 0;
   for (transport::Socket* s : socket_ptrs_) {
     const transport::SharedMemoryStats st = s->shared_memory_stats();
     shards += st.active ? 1 : 0;
     bytes += st.bytes_sent + st.bytes_received;
+    lent += st.frames_lent;
   }
   std::lock_guard<std::mutex> lock(stats_mu_);
   stats_.shared_memory_shards = shards;
   stats_.shared_memory_bytes = bytes;
+  stats_.shared_memory_frames_lent = lent;
 }
 
 void Client::Impl::IoStep(std::chrono::milliseconds poll_timeout) {
@@ -1334,6 +1340,37 @@ std::vector<std::string> Client::VariableNames() const {
   std::vector<std::string> names;
   for (const auto& [n, v] : impl_->vars_) names.push_back(n);
   return names;
+}
+
+StatusOr<PushBuffer> Client::AllocatePushBuffer(int64_t num_floats) {
+  if (num_floats < 1 ||
+      static_cast<uint64_t>(num_floats) > std::numeric_limits<size_t>::max() / sizeof(float))
+    return InvalidArgumentError("push buffer of " + std::to_string(num_floats) +
+                                " floats: must be at least 1");
+  const size_t bytes = static_cast<size_t>(num_floats) * sizeof(float);
+  PushBuffer b;
+  bool colocated = false;
+  for (int s = 0; s < num_shards(); ++s) colocated = colocated || impl_->SharedMemoryShard(s);
+  if (colocated) {
+    auto segment = transport::SharedSegment::Create(bytes);
+    if (segment.ok()) {
+      // Registered: the transport lends bytes inside it instead of copying.
+      impl_->shared_memory().Add(*segment);
+      b.values = std::span<float>(reinterpret_cast<float*>((*segment)->data()),
+                                  static_cast<size_t>(num_floats));
+      b.owner = std::move(*segment);
+      b.shared_memory = true;
+      return b;
+    }
+    DV_LOG(kWarning) << "push buffer of " << bytes
+                     << " bytes stays out of shared memory (its pushes copy once more): "
+                     << segment.status();
+  }
+  auto heap = std::shared_ptr<std::byte[]>(AlignedAlloc(bytes).release(), AlignedFree{});
+  std::memset(heap.get(), 0, bytes);
+  b.values = std::span<float>(reinterpret_cast<float*>(heap.get()), static_cast<size_t>(num_floats));
+  b.owner = std::move(heap);
+  return b;
 }
 
 namespace {

@@ -70,8 +70,9 @@ struct ClientOptions {
   // address of this host): offer POSIX shared memory, and once the server
   // has accepted, tensors move through it with ZeroMQ carrying only the
   // headers (a push is one copy into a shared buffer the server applies
-  // from; a pull one copy from the server's parameters into the caller's
-  // buffer). False: ZeroMQ frames only.
+  // from, or none from a buffer of AllocatePushBuffer; a pull one copy from
+  // the server's parameters into the caller's buffer, or none with
+  // PullViews). False: ZeroMQ frames only.
   bool shared_memory = true;
   // Pulls into a caller's buffer (Pull) of at least twice this many bytes
   // from one shard ask that shard for the values in pieces of this size,
@@ -195,6 +196,13 @@ struct PushSource {
   std::span<const float> grad;
 };
 
+// Memory for values to push, from Client::AllocatePushBuffer.
+struct PushBuffer {
+  std::span<float> values;             // 64-byte aligned, zero-filled
+  std::shared_ptr<const void> owner;   // keeps the memory alive (copies share it)
+  bool shared_memory = false;          // lent to co-located servers without a copy
+};
+
 // Statistics of what this client saw (for summaries and metrics).
 struct ClientStats {
   int64_t pulls = 0;
@@ -210,6 +218,8 @@ struct ClientStats {
   // bytes that moved through it (both directions) instead of ZeroMQ.
   int shared_memory_shards = 0;
   int64_t shared_memory_bytes = 0;
+  // Of the tensors sent, those lent without a copy (AllocatePushBuffer).
+  int64_t shared_memory_frames_lent = 0;
   // Lost connections that came back (a hello answered again), and restarts
   // of a shard from a checkpoint behind this worker's clock.
   int64_t reconnects = 0;
@@ -250,6 +260,17 @@ class Client {
   // advance_clock, every shard also advances this worker's clock (shards
   // holding none of the variables get an empty push).
   RequestHandle Push(std::vector<PushSource> sources, bool advance_clock = true);
+  // Memory for `num_floats` values to push (gradients) that co-located
+  // servers read where it is. When this client may use shared memory and
+  // some shard is co-located, the buffer is a POSIX shared-memory segment
+  // this client registered: a push of values inside it sends a reference
+  // instead of copying them, the server applies from it (or copies what a
+  // BSP clock keeps), gives it back, then acknowledges, so Wait() returns
+  // once the server is done with it (write the buffer again only after
+  // that, as for any push). Otherwise (no co-located shard, shared memory
+  // off, /dev/shm full) ordinary heap memory, and pushes copy as usual.
+  // InvalidArgument for num_floats < 1.
+  StatusOr<PushBuffer> AllocatePushBuffer(int64_t num_floats);
   // Pull / push of a contiguous row range [rows.begin, rows.end) of one
   // variable (values: rows.size() x row_elements).
   RequestHandle PullRange(const std::string& variable, protocol::RowRange rows,
