@@ -79,7 +79,7 @@ namespace {
 class ApplyPool {
  public:
   explicit ApplyPool(int threads) {
-    for (int i = 1; i < threads; ++i) threads_.emplace_back([this, i] { Loop(i); });
+    for (int i = 1; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
     parts_ = threads;
   }
   ~ApplyPool() {
@@ -90,26 +90,38 @@ class ApplyPool {
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
-  // Runs body over `parts_` disjoint chunks of [0, n).
+  // Runs body over disjoint chunks of [0, n) on every thread. Chunks are
+  // handed out as threads come (an atomic counter), so a thread that wakes
+  // late takes fewer of them instead of making the others wait.
   void Run(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
     // Small applies are not worth waking threads for.
     if (threads_.empty() || n < (int64_t{1} << 16)) {
       body(0, n);
       return;
     }
+    // About 8 chunks per thread, whole 64-byte lines, at least 256 KiB.
+    const int64_t chunk =
+        std::max<int64_t>(int64_t{1} << 16, (n / (parts_ * 8) + 15) / 16 * 16);
     {
       std::lock_guard<std::mutex> lock(mu_);
       body_ = &body;
       n_ = n;
-      pending_.store(static_cast<int>(threads_.size()), std::memory_order_relaxed);
+      chunk_ = chunk;
+      next_.store(0, std::memory_order_relaxed);
+      open_ = true;
       generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    Chunk(0, n, body);
-    // The other parts take about as long as this one: look before sleeping.
-    SpinUntil([&] { return pending_.load(std::memory_order_acquire) == 0; });
+    Work(n, chunk, body);
+    {
+      // No chunk left: threads that have not joined yet stay out (they
+      // would only find nothing to do), those that did finish their last.
+      std::lock_guard<std::mutex> lock(mu_);
+      open_ = false;
+    }
+    SpinUntil([&] { return active_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+    done_cv_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
     body_ = nullptr;
   }
 
@@ -128,29 +140,34 @@ class ApplyPool {
 #endif
     }
   }
-  void Chunk(int part, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-    // Chunk boundaries on 16-float (64-byte) multiples.
-    int64_t per = ((n + parts_ - 1) / parts_ + 15) / 16 * 16;
-    int64_t b = std::min<int64_t>(n, per * part), e = std::min<int64_t>(n, b + per);
-    if (b < e) body(b, e);
+  // Takes chunks of the current job until none is left.
+  void Work(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& body) {
+    for (;;) {
+      const int64_t b = next_.fetch_add(chunk, std::memory_order_relaxed);
+      if (b >= n) return;
+      body(b, std::min(n, b + chunk));
+    }
   }
-  void Loop(int part) {
+  void Loop() {
     SetFlushDenormalsToZero();
     uint64_t seen = 0;
     for (;;) {
       const std::function<void(int64_t, int64_t)>* body;
-      int64_t n;
+      int64_t n, chunk;
       SpinUntil([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
         if (stop_) return;
         seen = generation_.load(std::memory_order_relaxed);
+        if (!open_) continue;  // came too late: all taken
+        active_.fetch_add(1, std::memory_order_relaxed);
         body = body_;
         n = n_;
+        chunk = chunk_;
       }
-      Chunk(part, n, *body);
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      Work(n, chunk, *body);
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         // Under the lock: Run may be between its check and its sleep.
         std::lock_guard<std::mutex> lock(mu_);
         done_cv_.notify_all();
@@ -167,7 +184,10 @@ class ApplyPool {
   std::atomic<uint64_t> generation_{0};
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;  // Guarded by mu_.
   int64_t n_ = 0;                                                // Guarded by mu_.
-  std::atomic<int> pending_{0};  // parts still running
+  int64_t chunk_ = 0;                                            // Guarded by mu_.
+  bool open_ = false;  // the job takes more threads; Guarded by mu_.
+  std::atomic<int64_t> next_{0};  // start of the next chunk to take
+  std::atomic<int> active_{0};    // pool threads that joined the job and work on it
 };
 
 // One worker's gradient for one (clock, variable) in BSP, kept until the

@@ -541,5 +541,60 @@ TEST(ClientIoTest, PushBufferWithoutSharedMemoryIsOrdinaryMemory) {
   EXPECT_EQ(client->stats().shared_memory_frames_lent, 0);
 }
 
+// A server with two apply threads (--threads 2: chunks of one apply and
+// of its NaN check taken by whichever thread comes first) computes exactly
+// what one thread computes, by either path: a push buffer lent to a
+// co-located server, and plain ZeroMQ in pieces.
+TEST(ClientIoTest, TwoApplyThreadsGiveTheSameParametersBitForBit) {
+  LocalClusterOptions co = AsyncCluster(1, 1);
+  auto one = LocalCluster::Start(co);
+  co.extra_args = {"--threads", "2"};
+  auto two = LocalCluster::Start(co);
+  ASSERT_TRUE(one.ok()) << one.status();
+  ASSERT_TRUE(two.ok()) << two.status();
+  constexpr int64_t kN = 3 << 20;  // 12 MiB
+  for (bool shared_memory : {true, false}) {
+    SCOPED_TRACE(shared_memory ? "lent through shared memory" : "ZeroMQ in pieces");
+    auto a = Connect(*one, 0, 1, shared_memory);
+    auto b = Connect(*two, 0, 1, shared_memory);
+    ASSERT_NE(a, nullptr);
+    ASSERT_NE(b, nullptr);
+    const std::string sgd = shared_memory ? "sgd_shm" : "sgd_tcp";
+    const std::string adam = shared_memory ? "adam_shm" : "adam_tcp";
+    VariableOptions vo;
+    vo.initializer = {3, protocol::InitGlorotUniform{}};
+    vo.optimizer.kind = protocol::OptimizerKind::kSgd;
+    vo.optimizer.learning_rate = 0.1;
+    VariableOptions vadam = vo;
+    vadam.optimizer.kind = protocol::OptimizerKind::kAdam;
+    vadam.optimizer.learning_rate = 1e-3;
+    for (Client* c : {a.get(), b.get()}) {
+      ASSERT_TRUE(c->CreateVariable(sgd, DType::kF32, Shape{kN}, vo).ok());
+      ASSERT_TRUE(c->CreateVariable(adam, DType::kF32, Shape{kN}, vadam).ok());
+    }
+    auto ga = a->AllocatePushBuffer(kN);
+    auto gb = b->AllocatePushBuffer(kN);
+    ASSERT_TRUE(ga.ok() && gb.ok());
+    EXPECT_EQ(ga->shared_memory, shared_memory);
+    for (int step = 0; step < 3; ++step) {
+      for (int64_t i = 0; i < kN; ++i)
+        ga->values[i] = gb->values[i] = static_cast<float>((i * 3 + step) % 17) * 0.25f - 2.f;
+      for (const std::string& name : {sgd, adam}) {
+        ASSERT_TRUE(a->Push({{name, ga->values}}).Wait().ok());
+        ASSERT_TRUE(b->Push({{name, gb->values}}).Wait().ok());
+      }
+    }
+    // A NaN near the end: counted by the second thread's chunks, refused.
+    gb->values[kN - 5] = std::numeric_limits<float>::infinity();
+    EXPECT_EQ(b->Push({{sgd, gb->values}}).Wait().code(), StatusCode::kInvalidArgument);
+    for (const std::string& name : {sgd, adam}) {
+      std::vector<float> pa(kN), pb(kN);
+      ASSERT_TRUE(a->Pull({{name, pa}}).Wait().ok());
+      ASSERT_TRUE(b->Pull({{name, pb}}).Wait().ok());
+      EXPECT_TRUE(pa == pb) << name;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace distval
