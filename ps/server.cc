@@ -100,8 +100,7 @@ class ApplyPool {
       return;
     }
     // About 8 chunks per thread, whole 64-byte lines, at least 256 KiB.
-    const int64_t chunk =
-        std::max<int64_t>(int64_t{1} << 16, (n / (parts_ * 8) + 15) / 16 * 16);
+    const int64_t chunk = std::max<int64_t>(int64_t{1} << 16, (n / (parts_ * 8) + 15) / 16 * 16);
     {
       std::lock_guard<std::mutex> lock(mu_);
       body_ = &body;
@@ -157,7 +156,8 @@ class ApplyPool {
       SpinUntil([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
+        cv_.wait(lock,
+                 [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
         if (stop_) return;
         seen = generation_.load(std::memory_order_relaxed);
         if (!open_) continue;  // came too late: all taken
@@ -179,13 +179,13 @@ class ApplyPool {
   int parts_ = 1;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  bool stop_ = false;                                            // Guarded by mu_.
+  bool stop_ = false;  // Guarded by mu_.
   // Written under mu_; read without it while spinning.
   std::atomic<uint64_t> generation_{0};
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;  // Guarded by mu_.
   int64_t n_ = 0;                                                // Guarded by mu_.
   int64_t chunk_ = 0;                                            // Guarded by mu_.
-  bool open_ = false;  // the job takes more threads; Guarded by mu_.
+  bool open_ = false;             // the job takes more threads; Guarded by mu_.
   std::atomic<int64_t> next_{0};  // start of the next chunk to take
   std::atomic<int> active_{0};    // pool threads that joined the job and work on it
 };

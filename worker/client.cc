@@ -1346,7 +1346,7 @@ StatusOr<PushBuffer> Client::AllocatePushBuffer(int64_t num_floats) {
   if (num_floats < 1 ||
       static_cast<uint64_t>(num_floats) > std::numeric_limits<size_t>::max() / sizeof(float))
     return InvalidArgumentError("push buffer of " + std::to_string(num_floats) +
-                                " floats: must be at least 1");
+                                " floats: must be at least 1 (and its bytes fit a size_t)");
   const size_t bytes = static_cast<size_t>(num_floats) * sizeof(float);
   PushBuffer b;
   bool colocated = false;
@@ -1368,7 +1368,8 @@ StatusOr<PushBuffer> Client::AllocatePushBuffer(int64_t num_floats) {
   }
   auto heap = std::shared_ptr<std::byte[]>(AlignedAlloc(bytes).release(), AlignedFree{});
   std::memset(heap.get(), 0, bytes);
-  b.values = std::span<float>(reinterpret_cast<float*>(heap.get()), static_cast<size_t>(num_floats));
+  b.values =
+      std::span<float>(reinterpret_cast<float*>(heap.get()), static_cast<size_t>(num_floats));
   b.owner = std::move(heap);
   return b;
 }

@@ -441,7 +441,6 @@ TEST(ClientIoTest, SharedMemoryAndTcpGiveTheSameParametersBitForBit) {
   EXPECT_EQ(b->stats().shared_memory_bytes, 0);
 }
 
-
 // A gradient in a push buffer (Client::AllocatePushBuffer) goes to a
 // co-located server without a copy: the server reads the worker's memory,
 // gives it back before it answers, and Wait() returns once it has. The

@@ -476,8 +476,8 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
     };
     std::vector<std::vector<double>> samples;
     DV_ASSIGN_OR_RETURN(std::vector<double> t, AlternateMedians(measures, config.reps, &samples));
-    PrintSamples(config, "co-located " + SizeLabel(size), {"memcpy", "push", "pull", "sgd", "push copied"},
-                 samples);
+    PrintSamples(config, "co-located " + SizeLabel(size),
+                 {"memcpy", "push", "pull", "sgd", "push copied"}, samples);
     const double memcpy_gbps = GBps(size, t[0]);
     std::optional<Floor> floor;
     if (size == 16 * kMiB) floor = Floor{Floor::Kind::kAtLeast, 0.70};

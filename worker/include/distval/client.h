@@ -198,9 +198,10 @@ struct PushSource {
 
 // Memory for values to push, from Client::AllocatePushBuffer.
 struct PushBuffer {
-  std::span<float> values;             // 64-byte aligned, zero-filled
-  std::shared_ptr<const void> owner;   // keeps the memory alive (copies share it)
-  bool shared_memory = false;          // lent to co-located servers without a copy
+  std::span<float> values;            // 64-byte aligned, zero-filled
+  std::shared_ptr<const void> owner;  // keeps the memory alive (copies share it)
+  bool shared_memory = false;         // in shared memory: lent to co-located servers
+                                      // that accepted it, without a copy
 };
 
 // Statistics of what this client saw (for summaries and metrics).
