@@ -198,6 +198,7 @@ struct Contribution {
   std::vector<int64_t> indices;       // sparse (global rows)
   std::span<const float> values;      // gradient values
   std::shared_ptr<const void> owner;  // keeps `values` alive
+  bool lent = false;                  // `values` are a co-located worker's memory
 };
 
 // Gradient values of an update as f32: the received frame itself when it is
@@ -1084,6 +1085,7 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   // the server is done reading it anyway: applied (or copied) first, the
   // memory given back, then acknowledged.
   const bool lent = AnyLent(msg);
+  std::vector<std::string> lent_kept;  // variables kept (BSP) from lent memory
   if (req.worker_id >= 0) RecordPush(req.worker_id, req.request_id);
   if (!lent) SendReply(identity, NewReply(req.request_id));
   // 4. Apply (or keep) it, then act on what the push completed.
@@ -1152,25 +1154,39 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
         c.sparse = true;
         c.indices = std::move(sparse_rows[i]);
       }
-      if (frame.lent() && u.values.encoding == protocol::Encoding::kRaw) {
-        // Kept until the clock completes: not in the worker's memory.
-        auto copy = std::shared_ptr<float[]>(
-            reinterpret_cast<float*>(AlignedAlloc(g.values.size_bytes()).release()),
-            [](float* p) { AlignedFree{}(reinterpret_cast<std::byte*>(p)); });
-        std::copy(g.values.begin(), g.values.end(), copy.get());
-        g.values = std::span<const float>(copy.get(), g.values.size());
-        g.owner = std::move(copy);
-      }
       c.values = g.values;
       c.owner = g.owner;
+      // The worker's memory: used as it is if this push completes the clock
+      // (below), else copied before the answer.
+      c.lent = frame.lent() && u.values.encoding == protocol::Encoding::kRaw;
+      if (c.lent) lent_kept.push_back(v->name());
       accum_[req.clock][v->name()][req.worker_id].push_back(std::move(c));
     }
   }
-  if (lent) {
-    ReleaseLentFrames(msg);
-    SendReply(identity, NewReply(req.request_id));
-  }
   Act(std::move(plan.events));
+  if (!lent) return OkStatus();
+  // What this push completed was applied just now, from the worker's memory;
+  // what waits for other workers is copied out of it.
+  if (auto clock_it = accum_.find(req.clock); clock_it != accum_.end()) {
+    for (const std::string& name : lent_kept) {
+      auto var_it = clock_it->second.find(name);
+      if (var_it == clock_it->second.end()) continue;
+      auto worker_it = var_it->second.find(req.worker_id);
+      if (worker_it == var_it->second.end()) continue;
+      for (Contribution& c : worker_it->second) {
+        if (!c.lent) continue;
+        auto copy = std::shared_ptr<float[]>(
+            reinterpret_cast<float*>(AlignedAlloc(c.values.size_bytes()).release()),
+            [](float* p) { AlignedFree{}(reinterpret_cast<std::byte*>(p)); });
+        std::copy(c.values.begin(), c.values.end(), copy.get());
+        c.values = std::span<const float>(copy.get(), c.values.size());
+        c.owner = std::move(copy);
+        c.lent = false;
+      }
+    }
+  }
+  ReleaseLentFrames(msg);
+  SendReply(identity, NewReply(req.request_id));
   return OkStatus();
 }
 

@@ -490,7 +490,9 @@ TEST(ClientIoTest, PushBufferIsLentToACoLocatedServerAndBackWhenWaitReturns) {
 
 // In BSP a push waits in the server for the clock to complete; from a push
 // buffer it is copied there, so the worker has its buffer back (and its
-// push acknowledged) before the other workers pushed.
+// push acknowledged) before the other workers pushed. The push that
+// completes the clock is applied from the worker's memory itself, before
+// its acknowledgement.
 TEST(ClientIoTest, BspKeepsACopyOfALentGradient) {
   LocalClusterOptions co;
   co.num_workers = 2;
@@ -511,9 +513,14 @@ TEST(ClientIoTest, BspKeepsACopyOfALentGradient) {
   for (int64_t i = 0; i < kN; ++i) buffer->values[i] = static_cast<float>(i % 7);
   ASSERT_TRUE(a->Push({{"w", buffer->values}}).Wait(std::chrono::milliseconds(20000)).ok());
   std::fill(buffer->values.begin(), buffer->values.end(), -1e6f);
-  std::vector<float> g(kN);
-  for (int64_t i = 0; i < kN; ++i) g[i] = static_cast<float>(i % 3);
-  ASSERT_TRUE(b->Push({{"w", g}}).Wait().ok());
+  auto b_buffer = b->AllocatePushBuffer(kN);
+  ASSERT_TRUE(b_buffer.ok()) << b_buffer.status();
+  ASSERT_TRUE(b_buffer->shared_memory);
+  for (int64_t i = 0; i < kN; ++i) b_buffer->values[i] = static_cast<float>(i % 3);
+  ASSERT_TRUE(b->Push({{"w", b_buffer->values}}).Wait(std::chrono::milliseconds(20000)).ok());
+  std::fill(b_buffer->values.begin(), b_buffer->values.end(), 1e6f);
+  EXPECT_EQ(a->stats().shared_memory_frames_lent, 1);
+  EXPECT_EQ(b->stats().shared_memory_frames_lent, 1);
   std::vector<float> got(kN);
   ASSERT_TRUE(a->Pull({{"w", got}}).Wait().ok());  // after clock 0 completed
   for (int64_t i = 0; i < kN; ++i)
