@@ -3,7 +3,9 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <chrono>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 
 #include "distval/devices.h"
@@ -11,6 +13,29 @@
 #include "replica_pool.h"
 
 namespace distval {
+
+namespace internal {
+
+// Host memory for gradients that a co-located parameter server reads where
+// it is (Client::AllocatePushBuffer): keeps each block's owner until the
+// DeviceBuffer over it is freed.
+class PushBufferAllocator final : public DeviceAllocator {
+ public:
+  void Keep(void* data, std::shared_ptr<const void> owner) {
+    std::lock_guard<std::mutex> lock(mu_);
+    owners_[data] = std::move(owner);
+  }
+  void Free(void* data) noexcept override {
+    std::lock_guard<std::mutex> lock(mu_);
+    owners_.erase(data);
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<void*, std::shared_ptr<const void>> owners_;  // Guarded by mu_.
+};
+
+}  // namespace internal
 
 namespace {
 
@@ -272,12 +297,36 @@ StatusOr<MirroredVariable*> ParameterServerStrategy::CreateVariableImpl(
     });
     for (const Status& s : statuses) DV_RETURN_IF_ERROR(s.WithContext(who));
   }
+  if (options.trainable) PlaceGradientForPush(*var);
   MirroredVariable* raw = var.get();
   variables_.push_back(std::move(var));
   variable_list_.push_back(raw);
   pull_names_.push_back(name);
   mirror_stale_ = true;
   return raw;
+}
+
+void ParameterServerStrategy::PlaceGradientForPush(MirroredVariable& v) {
+  Client* client = store_->client();
+  if (client == nullptr || devices_[0].kind != DeviceKind::kCpu) return;
+  // The buffer ApplyGradients pushes: the replica's own gradient with one
+  // replica, else the sum of the replicas' (ReducedGradient).
+  const bool one = num_local_replicas() == 1;
+  const int64_t n = one ? v.replicas_[0].grad->size() : v.shape().num_elements();
+  // Smaller tensors go as ZeroMQ frames anyway (the transport's threshold).
+  if (n * static_cast<int64_t>(sizeof(float)) < 64 * 1024) return;
+  auto buffer = client->AllocatePushBuffer(n);
+  if (!buffer.ok() || !buffer->shared_memory) return;  // pushes copy, as before
+  if (push_allocator_ == nullptr)
+    push_allocator_ = std::make_shared<internal::PushBufferAllocator>();
+  push_allocator_->Keep(buffer->values.data(), buffer->owner);
+  DeviceBuffer lent = DeviceBuffer::Adopt(push_allocator_, backends_[0]->device(), DType::kF32,
+                                          buffer->values.data(), n);
+  if (one) {
+    *v.replicas_[0].grad = std::move(lent);  // backward writes it from now on
+  } else {
+    v.reduced_ = std::move(lent);
+  }
 }
 
 StatusOr<SyncOnReadVariable*> ParameterServerStrategy::CreateSyncOnReadVariable(

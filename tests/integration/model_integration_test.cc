@@ -239,5 +239,58 @@ TEST(ModelOnServersTest, ASavedModelPredictsTheSameBitsInAFreshProcessWithoutSer
   std::filesystem::remove_all(dir, ec);
 }
 
+// With co-located servers (shared memory on, the default) the gradients
+// ApplyGradients pushes live in shared memory that the servers read where
+// it is (Client::AllocatePushBuffer): one replica's own gradient buffer, or
+// the sum of two replicas'. Training gives the same bits as without shared
+// memory.
+TEST(ModelOnServersTest, CoLocatedGradientsAreLentAndTrainTheSameBits) {
+  auto examples = SyntheticExamples(300, 8);
+  Tensor x(DType::kF32, Shape{300, testing::kSyntheticFeatures});
+  std::memcpy(x.data_as<float>(), examples->features.data_as<float>(), x.num_bytes());
+  for (int replicas : {1, 2}) {
+    SCOPED_TRACE(std::to_string(replicas) + " replica(s)");
+    std::vector<Tensor> predictions;
+    for (bool shared_memory : {true, false}) {
+      LocalClusterOptions co;  // BSP
+      auto cluster = LocalCluster::Start(co);
+      ASSERT_TRUE(cluster.ok()) << cluster.status();
+      WorkerOptions o;
+      o.ps_endpoints = cluster->endpoints();
+      o.devices = {"cpu:0"};
+      if (replicas == 2) o.devices.push_back("cpu:1");
+      o.global_batch_size = 32;
+      o.staleness = 0;
+      o.client.shared_memory = shared_memory;
+      auto strategy = ParameterServerStrategy::Create(o);
+      ASSERT_TRUE(strategy.ok()) << strategy.status();
+      // A 20 x 1024 kernel (80 KiB): large enough to go through shared
+      // memory; the 1024 x 4 one (16 KiB) is not.
+      Sequential net;
+      net.Add(std::make_unique<Dense>(testing::kSyntheticFeatures, 1024))
+          .Add(std::make_unique<ReLU>())
+          .Add(std::make_unique<Dense>(1024, testing::kSyntheticClasses));
+      auto model = Model::Create(**strategy, std::move(net), Options());
+      ASSERT_TRUE(model.ok()) << model.status();
+      ASSERT_TRUE((*model)->Compile(optimizers::Adam(0.01), Loss(), {Metric::Accuracy()}).ok());
+      auto history = (*model)->Fit(SyntheticExamples(320, 7), Quiet(1));
+      ASSERT_TRUE(history.ok()) << history.status();
+      const int64_t lent = (*strategy)->client()->stats().shared_memory_frames_lent;
+      if (shared_memory) {
+        EXPECT_EQ(lent, 10);  // one kernel gradient per step, 320 / 32 steps
+      } else {
+        EXPECT_EQ(lent, 0);
+      }
+      auto out = (*model)->Predict(x);
+      ASSERT_TRUE(out.ok()) << out.status();
+      predictions.push_back(std::move(*out));
+    }
+    ASSERT_EQ(predictions[0].shape(), predictions[1].shape());
+    EXPECT_EQ(std::memcmp(predictions[0].data_as<float>(), predictions[1].data_as<float>(),
+                          predictions[0].num_bytes()),
+              0);
+  }
+}
+
 }  // namespace
 }  // namespace distval

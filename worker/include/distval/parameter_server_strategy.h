@@ -82,6 +82,7 @@ namespace distval {
 namespace internal {
 class ReplicaPool;
 class ReplicaGroup;
+class PushBufferAllocator;
 
 // The argument a replica gets for one Run argument: its element of a
 // PerReplica / Mirrored, anything else as it is.
@@ -318,6 +319,11 @@ class ParameterServerStrategy {
   // ApplyGradients' merge (replica 0's thread).
   Status PushGradients(std::span<MirroredVariable* const> variables, bool only_trainable);
   StatusOr<std::span<const float>> ReducedGradient(MirroredVariable& v);
+  // With a co-located parameter server and gradients in host memory: puts
+  // the buffer that ApplyGradients pushes for v in shared memory
+  // (Client::AllocatePushBuffer), so that pushes lend it instead of copying
+  // it. Leaves it where it is otherwise (or when that fails).
+  void PlaceGradientForPush(MirroredVariable& v);
   Status Collective(int replica, const void* mine, const internal::MergeFunction& merge,
                     std::shared_ptr<const void>* result);
   // ApplyGradients on replica `replica` entered its collective at `enter`
@@ -338,6 +344,7 @@ class ParameterServerStrategy {
   Partitioner variable_partitioner_;
   std::vector<DeviceSpec> devices_;
   std::vector<std::unique_ptr<Backend>> backends_;
+  std::shared_ptr<internal::PushBufferAllocator> push_allocator_;  // PlaceGradientForPush
   std::unique_ptr<ParameterStore> store_;
   std::unique_ptr<internal::ReplicaPool> pool_;
   std::unique_ptr<internal::ReplicaGroup> group_;
