@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "distval/client.h"
@@ -52,6 +53,19 @@ VariableOptions Accumulator() {
   vo.optimizer.kind = protocol::OptimizerKind::kSgd;
   vo.optimizer.learning_rate = 1.0;
   return vo;
+}
+
+// Glorot-initialized variables (seed 3): plain SGD at `sgd_learning_rate`,
+// and Adam at 1e-3.
+std::pair<VariableOptions, VariableOptions> GlorotSgdAndAdam(double sgd_learning_rate) {
+  VariableOptions sgd;
+  sgd.initializer = {3, protocol::InitGlorotUniform{}};
+  sgd.optimizer.kind = protocol::OptimizerKind::kSgd;
+  sgd.optimizer.learning_rate = sgd_learning_rate;
+  VariableOptions adam = sgd;
+  adam.optimizer.kind = protocol::OptimizerKind::kAdam;
+  adam.optimizer.learning_rate = 1e-3;
+  return {sgd, adam};
 }
 
 LocalClusterOptions AsyncCluster(int shards, int workers) {
@@ -315,13 +329,7 @@ TEST(ClientIoTest, PushesInPiecesApplyExactlyWhatWholePushesApply) {
     ASSERT_NE(whole, nullptr);
     constexpr int64_t kN = 300001;  // 19 pieces of 64 KiB, the last one short
     for (Client* c : {pieces.get(), whole.get()}) {
-      VariableOptions sgd;
-      sgd.initializer = {3, protocol::InitGlorotUniform{}};
-      sgd.optimizer.kind = protocol::OptimizerKind::kSgd;
-      sgd.optimizer.learning_rate = 0.125;
-      VariableOptions adam = sgd;
-      adam.optimizer.kind = protocol::OptimizerKind::kAdam;
-      adam.optimizer.learning_rate = 1e-3;
+      const auto [sgd, adam] = GlorotSgdAndAdam(0.125);
       ASSERT_TRUE(c->CreateVariable("sgd", DType::kF32, Shape{kN}, sgd).ok());
       ASSERT_TRUE(c->CreateVariable("adam", DType::kF32, Shape{kN}, adam).ok());
     }
@@ -567,13 +575,7 @@ TEST(ClientIoTest, TwoApplyThreadsGiveTheSameParametersBitForBit) {
     ASSERT_NE(b, nullptr);
     const std::string sgd = shared_memory ? "sgd_shm" : "sgd_tcp";
     const std::string adam = shared_memory ? "adam_shm" : "adam_tcp";
-    VariableOptions vo;
-    vo.initializer = {3, protocol::InitGlorotUniform{}};
-    vo.optimizer.kind = protocol::OptimizerKind::kSgd;
-    vo.optimizer.learning_rate = 0.1;
-    VariableOptions vadam = vo;
-    vadam.optimizer.kind = protocol::OptimizerKind::kAdam;
-    vadam.optimizer.learning_rate = 1e-3;
+    const auto [vo, vadam] = GlorotSgdAndAdam(0.1);
     for (Client* c : {a.get(), b.get()}) {
       ASSERT_TRUE(c->CreateVariable(sgd, DType::kF32, Shape{kN}, vo).ok());
       ASSERT_TRUE(c->CreateVariable(adam, DType::kF32, Shape{kN}, vadam).ok());
