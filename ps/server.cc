@@ -1085,7 +1085,6 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   // the server is done reading it anyway: applied (or copied) first, the
   // memory given back, then acknowledged.
   const bool lent = AnyLent(msg);
-  std::vector<std::string> lent_kept;  // variables kept (BSP) from lent memory
   if (req.worker_id >= 0) RecordPush(req.worker_id, req.request_id);
   if (!lent) SendReply(identity, NewReply(req.request_id));
   // 4. Apply (or keep) it, then act on what the push completed.
@@ -1159,7 +1158,6 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
       // The worker's memory: used as it is if this push completes the clock
       // (below), else copied before the answer.
       c.lent = frame.lent() && u.values.encoding == protocol::Encoding::kRaw;
-      if (c.lent) lent_kept.push_back(v->name());
       accum_[req.clock][v->name()][req.worker_id].push_back(std::move(c));
     }
   }
@@ -1168,19 +1166,14 @@ Status Server::Impl::HandlePush(const Frame& identity, const Request& req, InMes
   // What this push completed was applied just now, from the worker's memory;
   // what waits for other workers is copied out of it.
   if (auto clock_it = accum_.find(req.clock); clock_it != accum_.end()) {
-    for (const std::string& name : lent_kept) {
-      auto var_it = clock_it->second.find(name);
-      if (var_it == clock_it->second.end()) continue;
-      auto worker_it = var_it->second.find(req.worker_id);
-      if (worker_it == var_it->second.end()) continue;
-      for (Contribution& c : worker_it->second) {
+    for (auto& [name, by_worker] : clock_it->second) {
+      auto mine = by_worker.find(req.worker_id);
+      if (mine == by_worker.end()) continue;
+      for (Contribution& c : mine->second) {
         if (!c.lent) continue;
-        auto copy = std::shared_ptr<float[]>(
-            reinterpret_cast<float*>(AlignedAlloc(c.values.size_bytes()).release()),
-            [](float* p) { AlignedFree{}(reinterpret_cast<std::byte*>(p)); });
-        std::copy(c.values.begin(), c.values.end(), copy.get());
-        c.values = std::span<const float>(copy.get(), c.values.size());
-        c.owner = std::move(copy);
+        const Frame copy = Frame::FromBytes(std::as_bytes(c.values));
+        c.values = std::span<const float>(copy.as<float>(), c.values.size());
+        c.owner = copy.owner();
         c.lent = false;
       }
     }
