@@ -39,6 +39,20 @@ __attribute__((noinline)) void SgdInPlace(float* __restrict w, const float* __re
   for (size_t i = 0; i < n; ++i) w[i] -= kLearningRate * g[i];
 }
 
+// A row of `size` bytes in GB/s against a limit in GB/s measured in the
+// same run.
+Row GBpsRow(std::string name, std::string figure, int64_t size, double gbps, double limit_gbps,
+            std::string limit_name, std::optional<Floor> floor = std::nullopt) {
+  return Row{.name = std::move(name),
+             .figure = std::move(figure),
+             .size_bytes = size,
+             .value = gbps,
+             .unit = "GB/s",
+             .limit = limit_gbps,
+             .limit_name = std::move(limit_name),
+             .floor = floor};
+}
+
 // `shared_memory`: the co-located path (figure 7); off for the figures that
 // measure the network path against raw ZeroMQ over TCP.
 StatusOr<std::unique_ptr<Client>> ConnectClient(const std::vector<std::string>& endpoints,
@@ -259,36 +273,14 @@ Status RunTransferFigures(const BenchConfig& config, const std::vector<int64_t>&
                     .size_bytes = size,
                     .value = t[0] * 1e6,
                     .unit = "us"});
-    report->Add(Row{.name = "push",
-                    .figure = "push, 1 ps + 1 worker (SGD)",
-                    .size_bytes = size,
-                    .value = GBps(size, t[1]),
-                    .unit = "GB/s",
-                    .limit = raw_gbps,
-                    .limit_name = "raw",
-                    .floor = TransferFloor(size)});
-    report->Add(Row{.name = "pull",
-                    .figure = "pull, 1 ps + 1 worker",
-                    .size_bytes = size,
-                    .value = GBps(size, t[2]),
-                    .unit = "GB/s",
-                    .limit = raw_gbps,
-                    .limit_name = "raw",
-                    .floor = TransferFloor(size)});
-    report->Add(Row{.name = "transport_work",
-                    .figure = "raw ZeroMQ + the server's work (reference)",
-                    .size_bytes = size,
-                    .value = raw_work_gbps,
-                    .unit = "GB/s",
-                    .limit = raw_gbps,
-                    .limit_name = "raw"});
-    report->Add(Row{.name = "push_vs_work",
-                    .figure = "push against raw + the server's work",
-                    .size_bytes = size,
-                    .value = GBps(size, t[1]),
-                    .unit = "GB/s",
-                    .limit = raw_work_gbps,
-                    .limit_name = "raw+work"});
+    report->Add(GBpsRow("push", "push, 1 ps + 1 worker (SGD)", size, GBps(size, t[1]), raw_gbps,
+                        "raw", TransferFloor(size)));
+    report->Add(GBpsRow("pull", "pull, 1 ps + 1 worker", size, GBps(size, t[2]), raw_gbps, "raw",
+                        TransferFloor(size)));
+    report->Add(GBpsRow("transport_work", "raw ZeroMQ + the server's work (reference)", size,
+                        raw_work_gbps, raw_gbps, "raw"));
+    report->Add(GBpsRow("push_vs_work", "push against raw + the server's work", size,
+                        GBps(size, t[1]), raw_work_gbps, "raw+work"));
     PrintSamples(config, SizeLabel(size), {"raw", "push", "pull", "raw+work"}, samples);
   }
   return OkStatus();
@@ -330,20 +322,10 @@ Status RunAggregateFigures(const BenchConfig& config, const std::vector<int64_t>
     };
     DV_ASSIGN_OR_RETURN(std::vector<double> ops, AlternateMedians(measures, config.reps));
     const double s = static_cast<double>(size) / 1e9;
-    report->Add(Row{.name = "push_2x2",
-                    .figure = "push, 2 ps + 2 workers (aggregate)",
-                    .size_bytes = size,
-                    .value = ops[1] * s,
-                    .unit = "GB/s",
-                    .limit = ops[0] * s,
-                    .limit_name = "2 raw pairs"});
-    report->Add(Row{.name = "pull_2x2",
-                    .figure = "pull, 2 ps + 2 workers (aggregate)",
-                    .size_bytes = size,
-                    .value = ops[2] * s,
-                    .unit = "GB/s",
-                    .limit = ops[0] * s,
-                    .limit_name = "2 raw pairs"});
+    report->Add(GBpsRow("push_2x2", "push, 2 ps + 2 workers (aggregate)", size, ops[1] * s,
+                        ops[0] * s, "2 raw pairs"));
+    report->Add(GBpsRow("pull_2x2", "pull, 2 ps + 2 workers (aggregate)", size, ops[2] * s,
+                        ops[0] * s, "2 raw pairs"));
   }
   return OkStatus();
 }
@@ -481,36 +463,14 @@ Status RunColocatedFigures(const BenchConfig& config, const std::vector<int64_t>
     const double memcpy_gbps = GBps(size, t[0]);
     std::optional<Floor> floor;
     if (size == 16 * kMiB) floor = Floor{Floor::Kind::kAtLeast, 0.70};
-    report->Add(Row{.name = "colocated_push",
-                    .figure = "co-located push (shared memory, lent)",
-                    .size_bytes = size,
-                    .value = GBps(size, t[1]),
-                    .unit = "GB/s",
-                    .limit = memcpy_gbps,
-                    .limit_name = "memcpy",
-                    .floor = floor});
-    report->Add(Row{.name = "colocated_pull",
-                    .figure = "co-located pull (shared memory)",
-                    .size_bytes = size,
-                    .value = GBps(size, t[2]),
-                    .unit = "GB/s",
-                    .limit = memcpy_gbps,
-                    .limit_name = "memcpy",
-                    .floor = floor});
-    report->Add(Row{.name = "colocated_push_copied",
-                    .figure = "co-located push, gradient copied in (reference)",
-                    .size_bytes = size,
-                    .value = GBps(size, t[4]),
-                    .unit = "GB/s",
-                    .limit = memcpy_gbps,
-                    .limit_name = "memcpy"});
-    report->Add(Row{.name = "colocated_sgd",
-                    .figure = "SGD step alone, in place (reference)",
-                    .size_bytes = size,
-                    .value = GBps(size, t[3]),
-                    .unit = "GB/s",
-                    .limit = memcpy_gbps,
-                    .limit_name = "memcpy"});
+    report->Add(GBpsRow("colocated_push", "co-located push (shared memory, lent)", size,
+                        GBps(size, t[1]), memcpy_gbps, "memcpy", floor));
+    report->Add(GBpsRow("colocated_pull", "co-located pull (shared memory)", size, GBps(size, t[2]),
+                        memcpy_gbps, "memcpy", floor));
+    report->Add(GBpsRow("colocated_push_copied", "co-located push, gradient copied in (reference)",
+                        size, GBps(size, t[4]), memcpy_gbps, "memcpy"));
+    report->Add(GBpsRow("colocated_sgd", "SGD step alone, in place (reference)", size,
+                        GBps(size, t[3]), memcpy_gbps, "memcpy"));
   }
   return OkStatus();
 }
