@@ -87,7 +87,8 @@ int main(int argc, char** argv) {
   app.add_option("--pull-timeout", pull_deadline_s,
                  "seconds a held pull may wait before it is answered DeadlineExceeded")
       ->capture_default_str();
-  app.add_option("--threads", opt.threads, "threads applying optimizer updates")
+  app.add_option("--threads", opt.threads,
+                 "threads applying optimizer updates and checking whole gradients for NaN/Inf")
       ->capture_default_str();
   bool no_shared_memory = false;
   app.add_flag("--no-shared-memory", no_shared_memory,
