@@ -1,6 +1,7 @@
 #include "variable_store.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -179,6 +180,40 @@ WriteTarget PrepareWrite(std::shared_ptr<Tensor>& params, std::shared_ptr<Tensor
 void CopyElements(const float* from, float* to, int64_t begin, int64_t end) {
   if (end > begin)
     std::memcpy(to + begin, from + begin, static_cast<size_t>(end - begin) * sizeof(float));
+}
+
+// Checks grad[0, n) for NaN/Inf and applies it to elements [b, b + n) out of
+// place, block by block: the check brings a block of the gradient into the L1
+// cache and the apply reads it from there, so the gradient is read from
+// memory (or another core's cache) once, not twice. Once a non-finite value
+// turns up, the rest is only counted (the result is discarded anyway).
+// Returns the number of non-finite values.
+size_t CheckAndApply(Optimizer& opt, const float* in, float* out, const float* grad, int64_t b,
+                     int64_t n, float grad_scale, float lr_scale) {
+  constexpr int64_t kBlock = 4096;  // floats: 16 KiB
+  size_t bad = 0;
+  for (int64_t at = 0; at < n; at += kBlock) {
+    const int64_t k = std::min(kBlock, n - at);
+    bad += protocol::CountNonFinite(
+        std::span<const std::byte>(reinterpret_cast<const std::byte*>(grad + at),
+                                   static_cast<size_t>(k) * sizeof(float)),
+        protocol::Encoding::kRaw);
+    if (bad == 0) opt.ApplyDense(in, out, grad + at, b + at, b + at + k, grad_scale, lr_scale);
+  }
+  return bad;
+}
+
+// CheckAndApply over the runner's threads (or this one).
+size_t CheckAndApplyOn(const VariableStore::RangeRunner& runner, Optimizer& opt, const float* in,
+                       float* out, const float* grad, int64_t b, int64_t n, float grad_scale,
+                       float lr_scale) {
+  if (!runner) return CheckAndApply(opt, in, out, grad, b, n, grad_scale, lr_scale);
+  std::atomic<size_t> bad{0};
+  runner(n, [&](int64_t lo, int64_t hi) {
+    bad.fetch_add(CheckAndApply(opt, in, out, grad + lo, b + lo, hi - lo, grad_scale, lr_scale),
+                  std::memory_order_relaxed);
+  });
+  return bad.load(std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -393,15 +428,11 @@ Status VariableStore::ApplyDenseStreaming(
       break;
     }
     const float* g = *grad;
-    if (checked) {
-      *non_finite += protocol::CountNonFinite(
-          std::span<const std::byte>(reinterpret_cast<const std::byte*>(g),
-                                     static_cast<size_t>(n) * sizeof(float)),
-          protocol::Encoding::kRaw);
-      if (*non_finite > 0) break;
-    }
     const int64_t b = begin + done;
-    if (runner) {
+    if (checked) {
+      *non_finite += CheckAndApplyOn(runner, opt, t.in, t.out, g, b, n, grad_scale, lr_scale);
+      if (*non_finite > 0) break;
+    } else if (runner) {
       runner(n, [&](int64_t lo, int64_t hi) {
         opt.ApplyDense(t.in, t.out, g + lo, b + lo, b + hi, grad_scale, lr_scale);
       });
@@ -460,28 +491,22 @@ Status VariableStore::CheckedUpdate::Piece(const float* grad, int64_t n, size_t*
     return OutOfRangeError("checked update of " + Quoted(v_->name()) + ": piece of " +
                            std::to_string(n) + " elements after " + std::to_string(done_) + " of " +
                            std::to_string(end_ - begin_));
-  const size_t bad =
-      protocol::CountNonFinite(std::span<const std::byte>(reinterpret_cast<const std::byte*>(grad),
-                                                          static_cast<size_t>(n) * sizeof(float)),
-                               protocol::Encoding::kRaw);
-  *non_finite += bad;
-  poisoned_ = poisoned_ || bad > 0;
-  // Nothing to compute once it cannot be committed.
+  size_t bad = 0;
+  // Nothing to compute once it cannot be committed: then only counted.
   if (!poisoned_ && v_->version_.load(std::memory_order_relaxed) == version_ &&
       v_->learning_rate() == learning_rate_) {
     std::shared_lock lock(v_->mu_);
-    const float* in = v_->params_->data_as<float>();
-    float* out = out_->data_as<float>();
     Optimizer& opt = *v_->optimizer_;  // plain SGD: no state is written
-    const int64_t b = begin_ + done_;
-    if (runner) {
-      runner(n, [&](int64_t lo, int64_t hi) {
-        opt.ApplyDense(in, out, grad + lo, b + lo, b + hi, 1.0f, lr_scale_);
-      });
-    } else {
-      opt.ApplyDense(in, out, grad, b, b + n, 1.0f, lr_scale_);
-    }
+    bad = CheckAndApplyOn(runner, opt, v_->params_->data_as<float>(), out_->data_as<float>(), grad,
+                          begin_ + done_, n, 1.0f, lr_scale_);
+  } else {
+    bad = protocol::CountNonFinite(
+        std::span<const std::byte>(reinterpret_cast<const std::byte*>(grad),
+                                   static_cast<size_t>(n) * sizeof(float)),
+        protocol::Encoding::kRaw);
   }
+  *non_finite += bad;
+  poisoned_ = poisoned_ || bad > 0;
   done_ += n;
   return OkStatus();
 }

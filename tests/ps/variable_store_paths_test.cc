@@ -9,6 +9,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "variable_store.h"
@@ -175,6 +176,48 @@ TEST(CheckedUpdateTest, ANonFiniteValueOrAMissingPieceChangesNothing) {
   ASSERT_TRUE(adam.ok());
   EXPECT_EQ(VariableStore::BeginCheckedUpdate(**adam, {0, kN}, 1.0f).status().code(),
             StatusCode::kFailedPrecondition);
+}
+
+// The check and the apply go block by block; the count of bad values must
+// stay exact across blocks, pieces and the runner's threads, and the values
+// must equal one whole apply.
+TEST(CheckedUpdateTest, CountsEveryBadValueAcrossBlocksAndThreads) {
+  constexpr int64_t kN = 100000;
+  VariableStore store;
+  auto v = store.Create(SgdSpec("v", kN), {0, kN}, nullptr);
+  auto w = store.Create(SgdSpec("w", kN), {0, kN}, nullptr);
+  ASSERT_TRUE(v.ok() && w.ok());
+  const VariableStore::RangeRunner two_threads = [](int64_t n, const auto& body) {
+    std::thread other([&] { body(n / 2, n); });
+    body(0, n / 2);
+    other.join();
+  };
+  const auto before = ReadAll(**v);
+  auto g = RandomGradient(kN, 7);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t at : {int64_t{5}, int64_t{4095}, int64_t{4096}, int64_t{70000}, kN - 1}) g[at] = nan;
+  for (const auto& runner : {VariableStore::RangeRunner{}, two_threads}) {
+    auto u = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+    ASSERT_TRUE(u.ok());
+    size_t bad = 0;
+    for (int64_t b = 0; b < kN; b += 30000)
+      ASSERT_TRUE(u->Piece(g.data() + b, std::min<int64_t>(30000, kN - b), &bad, runner).ok());
+    EXPECT_EQ(bad, 5u);
+    EXPECT_EQ(u->Commit().code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(ReadAll(**v), before);
+  }
+  // Finite, over two threads: the same bits as one apply.
+  const auto finite = RandomGradient(kN, 8);
+  ASSERT_TRUE(VariableStore::ApplyDense(**w, {0, kN}, finite.data(), 1.0f, 1.0f).ok());
+  auto u = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+  ASSERT_TRUE(u.ok());
+  size_t bad = 0;
+  for (int64_t b = 0; b < kN; b += 30000)
+    ASSERT_TRUE(
+        u->Piece(finite.data() + b, std::min<int64_t>(30000, kN - b), &bad, two_threads).ok());
+  EXPECT_EQ(bad, 0u);
+  ASSERT_TRUE(u->Commit().ok());
+  EXPECT_EQ(ReadAll(**v), ReadAll(**w));
 }
 
 TEST(CheckedUpdateTest, AnUpdateInBetweenMakesTheCommitStepAside) {
