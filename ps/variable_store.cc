@@ -511,10 +511,52 @@ Status VariableStore::CheckedUpdate::Piece(const float* grad, int64_t n, size_t*
   return OkStatus();
 }
 
+VariableStore::CheckedUpdate::CheckedUpdate(CheckedUpdate&& other) noexcept
+    : v_(std::exchange(other.v_, nullptr)),
+      begin_(other.begin_),
+      end_(other.end_),
+      done_(other.done_),
+      lr_scale_(other.lr_scale_),
+      version_(other.version_),
+      learning_rate_(other.learning_rate_),
+      poisoned_(other.poisoned_),
+      out_(std::move(other.out_)) {}
+
+VariableStore::CheckedUpdate& VariableStore::CheckedUpdate::operator=(
+    CheckedUpdate&& other) noexcept {
+  if (this != &other) {
+    Abandon();
+    v_ = std::exchange(other.v_, nullptr);
+    begin_ = other.begin_;
+    end_ = other.end_;
+    done_ = other.done_;
+    lr_scale_ = other.lr_scale_;
+    version_ = other.version_;
+    learning_rate_ = other.learning_rate_;
+    poisoned_ = other.poisoned_;
+    out_ = std::move(other.out_);
+  }
+  return *this;
+}
+
+VariableStore::CheckedUpdate::~CheckedUpdate() { Abandon(); }
+
+void VariableStore::CheckedUpdate::Abandon() {
+  if (v_ == nullptr) return;
+  std::unique_lock lock(v_->mu_);
+  if (!v_->spare_) v_->spare_ = std::move(out_);
+  out_.reset();
+  v_ = nullptr;
+}
+
+bool VariableStore::CheckedUpdate::Current() const {
+  return v_ != nullptr && !poisoned_ && v_->version_.load(std::memory_order_relaxed) == version_ &&
+         v_->learning_rate() == learning_rate_;
+}
+
 Status VariableStore::CheckedUpdate::Commit() {
   if (v_ == nullptr) return FailedPreconditionError("checked update: not begun");
   Variable& v = *v_;
-  std::unique_lock lock(v.mu_);
   Status why;
   if (poisoned_) {
     why = InvalidArgumentError("checked update of " + Quoted(v.name()) + ": non-finite values");
@@ -522,16 +564,15 @@ Status VariableStore::CheckedUpdate::Commit() {
     why = FailedPreconditionError("checked update of " + Quoted(v.name()) + ": " +
                                   std::to_string(done_) + " of " + std::to_string(end_ - begin_) +
                                   " elements came");
-  } else if (v.version_.load(std::memory_order_relaxed) != version_ ||
-             v.learning_rate() != learning_rate_) {
+  } else if (!Current()) {
     why = AbortedError("checked update of " + Quoted(v.name()) +
                        ": the variable changed while its gradient was arriving");
   }
   if (!why.ok()) {
-    if (!v.spare_) v.spare_ = std::move(out_);  // the buffer goes back
-    v_ = nullptr;
+    Abandon();
     return why;
   }
+  std::unique_lock lock(v.mu_);
   const float* in = v.params_->data_as<float>();
   float* out = out_->data_as<float>();
   CopyElements(in, out, 0, begin_);

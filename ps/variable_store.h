@@ -241,6 +241,9 @@ class VariableStore {
   class CheckedUpdate {
    public:
     CheckedUpdate() = default;
+    CheckedUpdate(CheckedUpdate&& other) noexcept;
+    CheckedUpdate& operator=(CheckedUpdate&& other) noexcept;
+    ~CheckedUpdate();
     // Checks and applies the next `n` gradient elements of the range (in
     // order). Adds the non-finite values found to *non_finite; once one is
     // found, later pieces are only counted. OutOfRange past the range's end.
@@ -252,6 +255,13 @@ class VariableStore {
     // values), FailedPrecondition (pieces missing), Aborted (the variable
     // changed meanwhile).
     Status Commit();
+    // Whether Commit can still succeed once the rest of the range came: no
+    // non-finite value so far, and nothing else changed the variable (its
+    // values or its learning rate) since Begin.
+    bool Current() const;
+    // Ends it without a commit: the buffer goes back as the variable's
+    // spare (when it has none). The destructor does the same.
+    void Abandon();
 
    private:
     friend class VariableStore;

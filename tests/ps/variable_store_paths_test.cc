@@ -220,6 +220,46 @@ TEST(CheckedUpdateTest, CountsEveryBadValueAcrossBlocksAndThreads) {
   EXPECT_EQ(ReadAll(**v), ReadAll(**w));
 }
 
+// Every buffer the store makes goes through its allocator: an update ended
+// without a commit (refused, abandoned or dropped) gives its buffer back as
+// the spare, and the next one takes that instead of allocating.
+TEST(CheckedUpdateTest, OneEndedWithoutACommitGivesItsBufferBack) {
+  constexpr int64_t kN = 5000;
+  int allocations = 0;
+  VariableStore store([&allocations](const Shape& shape) {
+    ++allocations;
+    return std::make_shared<Tensor>(DType::kF32, shape);
+  });
+  auto v = store.Create(SgdSpec("v", kN), {0, kN}, nullptr);
+  VariableStore plain;
+  auto w = plain.Create(SgdSpec("v", kN), {0, kN}, nullptr);  // the same initial values
+  ASSERT_TRUE(v.ok() && w.ok());
+  const int made = allocations;  // the parameters
+  const auto g = RandomGradient(kN, 3);
+  {
+    auto dropped = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+    ASSERT_TRUE(dropped.ok());
+    size_t bad = 0;
+    FeedPieces(*dropped, std::vector<float>(g.begin(), g.begin() + 1000), 1000, &bad);
+  }
+  EXPECT_EQ(allocations, made + 1);
+  auto abandoned = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+  ASSERT_TRUE(abandoned.ok());
+  abandoned->Abandon();
+  EXPECT_EQ(abandoned->Commit().code(), StatusCode::kFailedPrecondition);
+  auto moved = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
+  ASSERT_TRUE(moved.ok());
+  VariableStore::CheckedUpdate u = std::move(*moved);
+  size_t bad = 0;
+  FeedPieces(u, g, 1000, &bad);
+  EXPECT_TRUE(u.Current());
+  ASSERT_TRUE(u.Commit().ok());
+  EXPECT_FALSE(u.Current());
+  EXPECT_EQ(allocations, made + 1);  // no update allocated another buffer
+  ASSERT_TRUE(VariableStore::ApplyDense(**w, {0, kN}, g.data(), 1.0f, 1.0f).ok());
+  EXPECT_EQ(ReadAll(**v), ReadAll(**w));
+}
+
 TEST(CheckedUpdateTest, AnUpdateInBetweenMakesTheCommitStepAside) {
   constexpr int64_t kN = 10000;
   VariableStore store;
