@@ -108,6 +108,12 @@ Status ValidateInitializer(const protocol::Initializer& init, const Shape& shard
           if (!FitsFloat(k.stddev) || k.stddev < 0)
             return InvalidArgumentError("initializer normal: stddev = " + Num(k.stddev) +
                                         " must be >= 0 and fit a float (<= 3.4e38)");
+          // Every value drawn, not only the mean, must be a finite float.
+          if (!FitsFloat(std::fabs(k.mean) + kNormalMaxDeviations * k.stddev))
+            return InvalidArgumentError(
+                "initializer normal: mean = " + Num(k.mean) + ", stddev = " + Num(k.stddev) +
+                ": values up to |mean| + " + Num(kNormalMaxDeviations) +
+                " * stddev can be drawn, which must fit a float (<= 3.4e38)");
         } else if constexpr (std::is_same_v<K, protocol::InitValues>) {
           if (k.values.dtype != DType::kF32)
             return InvalidArgumentError("initializer values: dtype " +

@@ -67,6 +67,9 @@ Status InitializeRows(const protocol::Initializer& init, const Shape& shape,
 // want to reproduce an initialization locally.
 double CounterUniform(uint64_t seed, uint64_t index);
 double CounterNormal(uint64_t seed, uint64_t index);
+// The largest |CounterNormal| there is: its uniform input is at least 2^-53,
+// so |z| <= sqrt(-2 ln 2^-53) = 8.5717.
+inline constexpr double kNormalMaxDeviations = 8.5717;
 
 }  // namespace distval::ps
 

@@ -190,6 +190,11 @@ TEST(InitializerTest, Errors) {
   expect_invalid(Make(protocol::InitConstant{1e39}), {0, 2}, out, {}, "fit a float");
   expect_invalid(Make(protocol::InitUniform{-1e39, 0.0}), {0, 2}, out, {}, "fit a float");
   expect_invalid(Make(protocol::InitNormal{0.0, 1e300}), {0, 2}, out, {}, "stddev");
+  // Mean and stddev fit, but the tail would not: it could draw Inf.
+  expect_invalid(Make(protocol::InitNormal{3e38, 1e37}), {0, 2}, out, {}, "|mean| + 8.5717");
+  expect_invalid(Make(protocol::InitNormal{0.0, 1e38}), {0, 2}, out, {}, "must fit a float");
+  EXPECT_TRUE(InitializeRows(Make(protocol::InitNormal{-1e38, 2.5e37}), shape, {0, 2}, out, {}).ok());
+  for (float x : out) EXPECT_TRUE(std::isfinite(x)) << x;
   protocol::InitValues values;
   values.values.shape = {2, 3};
   std::vector<float> given(5);
