@@ -113,10 +113,10 @@ VariableSpec SgdSpec(std::string name, int64_t n) {
 
 // Feeds g to `u` in pieces of `piece` elements.
 void FeedPieces(VariableStore::CheckedUpdate& u, const std::vector<float>& g, int64_t piece,
-                size_t* non_finite) {
+                size_t* non_finite, const VariableStore::RangeRunner& runner = {}) {
   const auto n = static_cast<int64_t>(g.size());
   for (int64_t b = 0; b < n; b += piece)
-    ASSERT_TRUE(u.Piece(g.data() + b, std::min(piece, n - b), non_finite).ok());
+    ASSERT_TRUE(u.Piece(g.data() + b, std::min(piece, n - b), non_finite, runner).ok());
 }
 
 TEST(CheckedUpdateTest, PiecesOverSeveralCallsEqualOneApplyBitForBit) {
@@ -200,8 +200,7 @@ TEST(CheckedUpdateTest, CountsEveryBadValueAcrossBlocksAndThreads) {
     auto u = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
     ASSERT_TRUE(u.ok());
     size_t bad = 0;
-    for (int64_t b = 0; b < kN; b += 30000)
-      ASSERT_TRUE(u->Piece(g.data() + b, std::min<int64_t>(30000, kN - b), &bad, runner).ok());
+    FeedPieces(*u, g, 30000, &bad, runner);
     EXPECT_EQ(bad, 5u);
     EXPECT_EQ(u->Commit().code(), StatusCode::kInvalidArgument);
     EXPECT_EQ(ReadAll(**v), before);
@@ -212,9 +211,7 @@ TEST(CheckedUpdateTest, CountsEveryBadValueAcrossBlocksAndThreads) {
   auto u = VariableStore::BeginCheckedUpdate(**v, {0, kN}, 1.0f);
   ASSERT_TRUE(u.ok());
   size_t bad = 0;
-  for (int64_t b = 0; b < kN; b += 30000)
-    ASSERT_TRUE(
-        u->Piece(finite.data() + b, std::min<int64_t>(30000, kN - b), &bad, two_threads).ok());
+  FeedPieces(*u, finite, 30000, &bad, two_threads);
   EXPECT_EQ(bad, 0u);
   ASSERT_TRUE(u->Commit().ok());
   EXPECT_EQ(ReadAll(**v), ReadAll(**w));
