@@ -22,6 +22,7 @@
 #include "distval/encoding.h"
 #include "distval/float_env.h"
 #include "distval/logging.h"
+#include "distval/range_pool.h"
 #include "distval/transport.h"
 #include "distval/zap_authenticator.h"
 #include "server_telemetry.h"
@@ -73,122 +74,6 @@ Status ParseCheckpointEvery(const std::string& text, ServerOptions* options) {
 }
 
 namespace {
-
-// A fixed pool that runs one range-split job at a time (the dispatcher
-// waits for it), so a large dense apply uses every --threads core.
-class ApplyPool {
- public:
-  explicit ApplyPool(int threads) {
-    for (int i = 1; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
-    parts_ = threads;
-  }
-  ~ApplyPool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-  // Runs body over disjoint chunks of [0, n) on every thread. Chunks are
-  // handed out as threads come (an atomic counter), so a thread that wakes
-  // late takes fewer of them instead of making the others wait.
-  void Run(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
-    // Small applies are not worth waking threads for.
-    if (threads_.empty() || n < (int64_t{1} << 16)) {
-      body(0, n);
-      return;
-    }
-    // About 8 chunks per thread, whole 64-byte lines, at least 256 KiB.
-    const int64_t chunk = std::max<int64_t>(int64_t{1} << 16, (n / (parts_ * 8) + 15) / 16 * 16);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      body_ = &body;
-      n_ = n;
-      chunk_ = chunk;
-      next_.store(0, std::memory_order_relaxed);
-      open_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-    Work(n, chunk, body);
-    {
-      // No chunk left: threads that have not joined yet stay out (they
-      // would only find nothing to do), those that did finish their last.
-      std::lock_guard<std::mutex> lock(mu_);
-      open_ = false;
-    }
-    SpinUntil([&] { return active_.load(std::memory_order_acquire) == 0; });
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
-    body_ = nullptr;
-  }
-
- private:
-  // How long a thread looks for what it waits for before it sleeps on a
-  // condition variable: a wake-up from a futex costs tens of microseconds in
-  // a virtual machine, and a push's check and apply come back to back (two
-  // jobs within microseconds). Spent at most once per job and thread.
-  static constexpr std::chrono::microseconds kSpin{30};
-  template <typename Ready>
-  static void SpinUntil(const Ready& ready) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
-    while (!ready() && std::chrono::steady_clock::now() < until) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-    }
-  }
-  // Takes chunks of the current job until none is left.
-  void Work(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& body) {
-    for (;;) {
-      const int64_t b = next_.fetch_add(chunk, std::memory_order_relaxed);
-      if (b >= n) return;
-      body(b, std::min(n, b + chunk));
-    }
-  }
-  void Loop() {
-    SetFlushDenormalsToZero();
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int64_t, int64_t)>* body;
-      int64_t n, chunk;
-      SpinUntil([&] { return generation_.load(std::memory_order_acquire) != seen; });
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock,
-                 [&] { return stop_ || generation_.load(std::memory_order_relaxed) != seen; });
-        if (stop_) return;
-        seen = generation_.load(std::memory_order_relaxed);
-        if (!open_) continue;  // came too late: all taken
-        active_.fetch_add(1, std::memory_order_relaxed);
-        body = body_;
-        n = n_;
-        chunk = chunk_;
-      }
-      Work(n, chunk, *body);
-      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        // Under the lock: Run may be between its check and its sleep.
-        std::lock_guard<std::mutex> lock(mu_);
-        done_cv_.notify_all();
-      }
-    }
-  }
-
-  std::vector<std::thread> threads_;
-  int parts_ = 1;
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  bool stop_ = false;  // Guarded by mu_.
-  // Written under mu_; read without it while spinning.
-  std::atomic<uint64_t> generation_{0};
-  const std::function<void(int64_t, int64_t)>* body_ = nullptr;  // Guarded by mu_.
-  int64_t n_ = 0;                                                // Guarded by mu_.
-  int64_t chunk_ = 0;                                            // Guarded by mu_.
-  bool open_ = false;             // the job takes more threads; Guarded by mu_.
-  std::atomic<int64_t> next_{0};  // start of the next chunk to take
-  std::atomic<int> active_{0};    // pool threads that joined the job and work on it
-};
 
 // One worker's gradient for one (clock, variable) in BSP, kept until the
 // clock completes. Frames are kept alive (no copy) when they are raw f32.
@@ -285,7 +170,7 @@ std::vector<int64_t> ToIndices(const protocol::TensorRef& ref, const Frame& fram
 // ---------------------------------------------------------------------------
 class Server::Impl {
  public:
-  explicit Impl(const ServerOptions& options) : options_(options), pool_(options.threads) {}
+  explicit Impl(const ServerOptions& options) : options_(options), pool_(PoolOptions(options)) {}
   ~Impl() {
     socket_.reset();
     zap_.reset();
@@ -413,7 +298,15 @@ class Server::Impl {
   }();
   // Clock of the checkpoint restored at start; -1: none.
   int64_t restored_clock_ = -1;
-  ApplyPool pool_;
+  // Applies and whole-gradient checks over the --threads cores; units are
+  // floats (the defaults: whole 64-byte lines per chunk, at least 256 KiB).
+  static RangePool::Options PoolOptions(const ServerOptions& options) {
+    RangePool::Options o;
+    o.threads = options.threads;
+    o.thread_init = [] { SetFlushDenormalsToZero(); };
+    return o;
+  }
+  RangePool pool_;
   VariableStore::RangeRunner runner_ =
       [this](int64_t n, const std::function<void(int64_t, int64_t)>& body) { pool_.Run(n, body); };
   std::unique_ptr<transport::Context> context_;
