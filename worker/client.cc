@@ -21,6 +21,7 @@
 
 #include "distval/logging.h"
 #include "distval/malloc_tuning.h"
+#include "distval/range_pool.h"
 #include "distval/shared_memory.h"
 
 namespace distval {
@@ -122,6 +123,35 @@ class Client::Impl {
   // waiter has not abandoned the request. Returns an error to fail the
   // request.
   using OnReply = std::function<Status(const Reply&, const InMessage&)>;
+
+  // Copies `bytes` from src to dst, split over options_.copy_threads
+  // threads when it is large (see ClientOptions::copy_threads).
+  void CopyBytes(void* dst, const void* src, size_t bytes) {
+    constexpr size_t kLine = 64;
+    constexpr size_t kSplitBytes = size_t{8} << 20;
+    if (bytes < kSplitBytes || options_.copy_threads <= 1) {
+      std::memcpy(dst, src, bytes);
+      return;
+    }
+    std::call_once(copy_pool_once_, [this] {
+      RangePool::Options o;  // in lines of kLine bytes
+      o.threads = options_.copy_threads;
+      o.min_split = static_cast<int64_t>(kSplitBytes / kLine);
+      o.min_chunk = (int64_t{256} << 10) / static_cast<int64_t>(kLine);
+      o.align = 1;
+      copy_pool_ = std::make_unique<RangePool>(std::move(o));
+    });
+    auto* d = static_cast<std::byte*>(dst);
+    const auto* from = static_cast<const std::byte*>(src);
+    // In whole lines; the last one takes the bytes left over.
+    const auto lines = static_cast<int64_t>(bytes / kLine);
+    copy_pool_->Run(lines, [&](int64_t b, int64_t e) {
+      const size_t begin = static_cast<size_t>(b) * kLine;
+      const size_t end = e == lines ? bytes : static_cast<size_t>(e) * kLine;
+      std::memcpy(d + begin, from + begin, end - begin);
+    });
+  }
+
 
   struct Outgoing {
     int shard = 0;
@@ -348,6 +378,8 @@ class Client::Impl {
 
   ClientOptions options_;
   Client* owner_;
+  std::once_flag copy_pool_once_;
+  std::unique_ptr<RangePool> copy_pool_;
   std::shared_ptr<const std::vector<std::string>> shard_names_;
   // Request ids start at a random point: unique per sender across client
   // instances and restarts, so a server's dedupe of retried pushes (keyed
@@ -1384,8 +1416,10 @@ std::vector<int64_t> SliceShape(const VariableInfo& v, int64_t rows) {
 }
 
 // Copies a received float payload into `out`, which must have exactly the
-// frame's element count.
-Status CopyFrame(const protocol::TensorRef& ref, const InMessage& msg, std::span<float> out) {
+// frame's element count, with `copy` (Impl::CopyBytes).
+template <typename Copy>
+Status CopyFrame(const protocol::TensorRef& ref, const InMessage& msg, std::span<float> out,
+                 const Copy& copy) {
   if (ref.frame >= msg.size()) return InternalError("reply references a missing frame");
   const Frame& f = msg[ref.frame];
   if (ref.encoding != protocol::Encoding::kRaw || ref.dtype != DType::kF32)
@@ -1393,7 +1427,7 @@ Status CopyFrame(const protocol::TensorRef& ref, const InMessage& msg, std::span
   if (f.size() != out.size_bytes())
     return InternalError("reply frame has " + std::to_string(f.size()) + " bytes, expected " +
                          std::to_string(out.size_bytes()));
-  if (f.size()) std::memcpy(out.data(), f.data(), f.size());
+  if (f.size()) copy(out.data(), f.data(), f.size());
   return OkStatus();
 }
 
@@ -1429,13 +1463,14 @@ RequestHandle Client::Pull(std::vector<PullTarget> targets) {
       size_t read_index = pull.reads.size() - 1;
       m.pull_into.push_back(dst);
       auto prev = std::move(m.on_reply);
-      m.on_reply = [prev = std::move(prev), dst, read_index](const Reply& reply,
-                                                             const InMessage& msg) -> Status {
+      m.on_reply = [impl = impl_.get(), prev = std::move(prev), dst, read_index](
+                       const Reply& reply, const InMessage& msg) -> Status {
         if (prev) DV_RETURN_IF_ERROR(prev(reply, msg));
         auto* pr = std::get_if<protocol::PullReply>(&reply.body);
         if (!pr || read_index >= pr->tensors.size())
           return InternalError("pull reply lacks tensor " + std::to_string(read_index));
-        return CopyFrame(pr->tensors[read_index], msg, dst);
+        return CopyFrame(pr->tensors[read_index], msg, dst,
+                         [impl](void* d, const void* s, size_t n) { impl->CopyBytes(d, s, n); });
       };
     }
   }
@@ -1654,10 +1689,11 @@ RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange 
     m.request.body = std::move(pull);
     std::span<float> dst = out.subspan(static_cast<size_t>((b - rows.begin) * row_elems),
                                        static_cast<size_t>((e - b) * row_elems));
-    m.on_reply = [dst](const Reply& reply, const InMessage& msg) -> Status {
+    m.on_reply = [impl = impl_.get(), dst](const Reply& reply, const InMessage& msg) -> Status {
       auto* pr = std::get_if<protocol::PullReply>(&reply.body);
       if (!pr || pr->tensors.empty()) return InternalError("pull reply lacks its tensor");
-      return CopyFrame(pr->tensors[0], msg, dst);
+      return CopyFrame(pr->tensors[0], msg, dst,
+                       [impl](void* d, const void* s, size_t n) { impl->CopyBytes(d, s, n); });
     };
     msgs.push_back(std::move(m));
   }

@@ -449,6 +449,34 @@ TEST(ClientIoTest, SharedMemoryAndTcpGiveTheSameParametersBitForBit) {
   EXPECT_EQ(b->stats().shared_memory_bytes, 0);
 }
 
+// A co-located pull of 8 MiB or more copies out of shared memory on
+// ClientOptions::copy_threads threads: every byte lands, the odd tail
+// included, whole (Pull) and by rows (PullRange), with one thread or four.
+TEST(ClientIoTest, LargeCoLocatedPullsSplitTheirCopyAndLandEveryByte) {
+  auto cluster = LocalCluster::Start(AsyncCluster(1, 1));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  constexpr int64_t kRows = (2 << 20) + 5, kCols = 1;  // 8 MiB and 20 bytes
+  std::vector<float> init(kRows * kCols);
+  for (int64_t i = 0; i < kRows * kCols; ++i) init[i] = static_cast<float>(i % 100003) * 0.5f;
+  VariableOptions vo;
+  vo.initial_values = init;
+  for (int threads : {1, 4}) {
+    auto c = Connect(*cluster, 0, 1, /*shared_memory=*/true,
+                     [threads](ClientOptions& o) { o.copy_threads = threads; });
+    ASSERT_NE(c, nullptr);
+    ASSERT_TRUE(c->CreateVariable("v", DType::kF32, Shape{kRows, kCols}, vo).ok());
+    std::vector<float> whole(kRows * kCols, -1.f);
+    ASSERT_TRUE(c->Pull({{"v", whole}}).Wait().ok());
+    ASSERT_EQ(whole, init) << threads << " thread(s)";
+    // Rows 3.. (a shifted source and destination) by PullRange.
+    std::vector<float> rows((kRows - 3) * kCols, -1.f);
+    ASSERT_TRUE(c->PullRange("v", {3, kRows}, rows).Wait().ok());
+    ASSERT_TRUE(std::equal(rows.begin(), rows.end(), init.begin() + 3 * kCols))
+        << threads << " thread(s)";
+    EXPECT_EQ(c->stats().shared_memory_shards, 1);
+  }
+}
+
 // A gradient in a push buffer (Client::AllocatePushBuffer) goes to a
 // co-located server without a copy: the server reads the worker's memory,
 // gives it back before it answers, and Wait() returns once it has. The

@@ -89,6 +89,12 @@ struct ClientOptions {
   // all or nothing, after the last). 0: whole. Rounded up to 64 KiB at
   // least. Not used toward co-located shards when shared_memory is on.
   size_t push_chunk_bytes = size_t{1} << 20;
+  // A copy of at least 8 MiB into the caller's buffer (a Pull from a
+  // co-located shard copies the server's parameters out of shared memory)
+  // is split over this many threads: the caller and copy_threads - 1 helper
+  // threads, started on the first such copy. They sleep otherwise. 1: the
+  // caller alone.
+  int copy_threads = 2;
   // Keep freed heap memory for reuse (distval/malloc_tuning.h: glibc's
   // M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 64 MiB, process-wide, set once
   // by the first client that asks): every message ZeroMQ receives is a fresh
