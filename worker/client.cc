@@ -152,7 +152,6 @@ class Client::Impl {
     });
   }
 
-
   struct Outgoing {
     int shard = 0;
     Request request;
