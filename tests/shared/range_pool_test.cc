@@ -61,11 +61,23 @@ TEST(RangePoolTest, EveryUnitOnceWhateverTheThreadsAndSizes) {
 
 TEST(RangePoolTest, LargeJobsUseThePoolThreads) {
   RangePool pool(Small(2));
-  // Each chunk sleeps 200 us, so the helper joins one of the ~16 chunks
-  // at least in some of ten jobs, however late it wakes.
-  size_t most = 0;
-  for (int i = 0; i < 10; ++i) most = std::max(most, RunOnce(pool, 4096).size());
-  EXPECT_EQ(most, 2u);
+  // The caller's first chunk waits (up to 10 s) for the helper to take a
+  // chunk of its own; a pool that left the job to its caller would time out.
+  std::atomic<bool> helped{false};
+  const auto caller = std::this_thread::get_id();
+  std::vector<std::atomic<int>> seen(4096);
+  pool.Run(4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) seen[static_cast<size_t>(i)].fetch_add(1);
+    if (std::this_thread::get_id() != caller) {
+      helped.store(true);
+      return;
+    }
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!helped.load() && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+  });
+  EXPECT_TRUE(helped.load());
+  for (const auto& s : seen) EXPECT_EQ(s.load(), 1);
 }
 
 TEST(RangePoolTest, ARunWhileAnotherRunsDoesItsJobItself) {
