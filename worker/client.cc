@@ -152,6 +152,11 @@ class Client::Impl {
     });
   }
 
+  // CopyBytes as a callable (for CopyFrame in reply handlers).
+  auto Copier() {
+    return [this](void* dst, const void* src, size_t bytes) { CopyBytes(dst, src, bytes); };
+  }
+
   struct Outgoing {
     int shard = 0;
     Request request;
@@ -1462,14 +1467,13 @@ RequestHandle Client::Pull(std::vector<PullTarget> targets) {
       size_t read_index = pull.reads.size() - 1;
       m.pull_into.push_back(dst);
       auto prev = std::move(m.on_reply);
-      m.on_reply = [impl = impl_.get(), prev = std::move(prev), dst, read_index](
+      m.on_reply = [copy = impl_->Copier(), prev = std::move(prev), dst, read_index](
                        const Reply& reply, const InMessage& msg) -> Status {
         if (prev) DV_RETURN_IF_ERROR(prev(reply, msg));
         auto* pr = std::get_if<protocol::PullReply>(&reply.body);
         if (!pr || read_index >= pr->tensors.size())
           return InternalError("pull reply lacks tensor " + std::to_string(read_index));
-        return CopyFrame(pr->tensors[read_index], msg, dst,
-                         [impl](void* d, const void* s, size_t n) { impl->CopyBytes(d, s, n); });
+        return CopyFrame(pr->tensors[read_index], msg, dst, copy);
       };
     }
   }
@@ -1688,11 +1692,10 @@ RequestHandle Client::PullRange(const std::string& variable, protocol::RowRange 
     m.request.body = std::move(pull);
     std::span<float> dst = out.subspan(static_cast<size_t>((b - rows.begin) * row_elems),
                                        static_cast<size_t>((e - b) * row_elems));
-    m.on_reply = [impl = impl_.get(), dst](const Reply& reply, const InMessage& msg) -> Status {
+    m.on_reply = [copy = impl_->Copier(), dst](const Reply& reply, const InMessage& msg) -> Status {
       auto* pr = std::get_if<protocol::PullReply>(&reply.body);
       if (!pr || pr->tensors.empty()) return InternalError("pull reply lacks its tensor");
-      return CopyFrame(pr->tensors[0], msg, dst,
-                       [impl](void* d, const void* s, size_t n) { impl->CopyBytes(d, s, n); });
+      return CopyFrame(pr->tensors[0], msg, dst, copy);
     };
     msgs.push_back(std::move(m));
   }
